@@ -3,6 +3,9 @@
 from hepaseg.io.atomic import atomic_dir, atomic_path, write_json_atomic, write_text_atomic
 from hepaseg.io.volume import LABEL_BACKGROUND, LABEL_LIVER, LABEL_TUMOR, Volume
 
+from hepaseg.io.nifti import write_image_nifti, write_label_nifti
+from hepaseg.io.readers import find_cases, read_volume
+
 # [io:exports]
 
 __all__ = [
@@ -12,6 +15,10 @@ __all__ = [
     "Volume",
     "atomic_dir",
     "atomic_path",
+    "find_cases",
+    "read_volume",
+    "write_image_nifti",
     "write_json_atomic",
+    "write_label_nifti",
     "write_text_atomic",
 ]

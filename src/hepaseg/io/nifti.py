@@ -1,0 +1,198 @@
+"""NIfTI reading and writing with nibabel, in hepaseg's ``(z, y, x)`` convention.
+
+NIfTI stores voxels in index order ``(i, j, k) = (x, y, z)`` with a 4 x 4 affine
+to RAS+ world mm. We keep the file's own affine (nibabel's ``img.affine``: the
+sform when set, else the qform) and never reorient the voxels, so a mask written
+back with the same affine overlays the source exactly; the array is only
+transposed to ``(z, y, x)`` and the spacing (header zooms) reordered to match.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from hepaseg.errors import HepasegError
+from hepaseg.io.atomic import atomic_path
+from hepaseg.io.volume import Volume
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "check_label_values",
+    "is_nifti_path",
+    "load_nifti",
+    "nifti_stem",
+    "write_image_nifti",
+    "write_label_nifti",
+]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+# What nibabel / gzip / numpy raise on a truncated or corrupt file.
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+
+
+def is_nifti_path(path: str | os.PathLike) -> bool:
+    """True when the file name ends in ``.nii`` or ``.nii.gz`` (case-insensitive)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | os.PathLike) -> str:
+    """File name without ``.nii`` / ``.nii.gz`` (``volume-3.nii.gz`` -> ``volume-3``)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def load_nifti(
+    path: str | os.PathLike, *, what: str = "image"
+) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    """Read a 3D NIfTI file without reorienting it.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+        what: ``"image"`` returns float32 (scl_slope/inter applied, i.e. HU for CT);
+            ``"label"`` returns the stored values in their on-disk dtype (checked
+            later by :func:`check_label_values`).
+
+    Returns:
+        ``(array, spacing, affine)``: array ``(z, y, x)`` (C-contiguous), spacing in
+        mm ``(z, y, x)`` from the header zooms, and the file's 4 x 4 float64 RAS
+        affine for index order ``(x, y, z)``.
+
+    Raises:
+        HepasegError: unreadable/truncated file, not 3D (a 4D file is accepted only
+            with a singleton 4th axis), or a single slice.
+    """
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise HepasegError(
+                f"{path}: not a NIfTI image: expected NIfTI-1/2, got {type(img).__name__}. "
+                "Convert it to .nii.gz first."
+            )
+        # nibabel reads lazily: truncation only shows when the voxels are read.
+        if what == "image":
+            data = img.get_fdata(dtype=np.float32)
+        else:
+            data = np.asanyarray(img.dataobj)
+    except HepasegError:
+        raise
+    except _READ_ERRORS as exc:
+        raise HepasegError(
+            f"{path}: cannot read NIfTI (truncated or corrupt?): {type(exc).__name__}: {_first_line(exc)}. "
+            "Re-download or re-export the file."
+        ) from None
+
+    zooms = tuple(float(z) for z in img.header.get_zooms())
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]  # (x, y, z, 1): a 3D volume saved with a time axis of length 1
+    if data.ndim != 3:
+        raise HepasegError(
+            f"{path}: {what} has {data.ndim} dimensions {tuple(data.shape)}: expected a 3D volume "
+            "(x, y, z) or 4D with a singleton 4th axis. Split multi-volume files first."
+        )
+    if data.shape[2] < 2:
+        raise HepasegError(
+            f"{path}: {what} is a single 2D slice {tuple(data.shape)}: expected a 3D volume with at "
+            "least 2 slices. Pass the whole scan, not one slice."
+        )
+    spacing = (zooms[2], zooms[1], zooms[0])  # header zooms are (x, y, z): reorder to (z, y, x)
+    array = np.ascontiguousarray(data.transpose(2, 1, 0))  # (x, y, z) -> (z, y, x)
+    return array, spacing, np.asarray(img.affine, dtype=np.float64)
+
+
+def check_label_values(label: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """Return ``label`` as uint8 after checking it only holds {0, 1, 2}.
+
+    Raises:
+        HepasegError: naming ``path`` and (up to 5 of) the unexpected values.
+    """
+    if np.issubdtype(label.dtype, np.integer) or label.dtype == np.bool_:
+        # Fast path for the usual on-disk uint8/int16 labels: a range check is enough.
+        ok = label.size == 0 or (label.min() >= 0 and label.max() <= 2)
+    else:
+        ok = bool(np.isin(label, (0, 1, 2)).all())
+    if not ok:
+        bad = np.unique(label[~np.isin(label, (0, 1, 2))])
+        shown = ", ".join(f"{v:g}" for v in bad[:5]) + (", ..." if bad.size > 5 else "")
+        raise HepasegError(
+            f"{path}: label values outside {{0, 1, 2}}: expected 0 background, 1 liver, 2 tumour, "
+            f"got {shown}. Check that this is a LiTS-style liver/tumour segmentation."
+        )
+    return label.astype(np.uint8, copy=False)
+
+
+def write_label_nifti(mask: np.ndarray, reference: Volume, path: str | os.PathLike) -> Path:
+    """Write a ``(z, y, x)`` mask as a uint8 NIfTI with ``reference``'s geometry.
+
+    The mask is transposed back to NIfTI's ``(x, y, z)`` and saved with
+    ``reference.affine`` (sform and qform, code 1 = scanner), so it overlays the
+    source CT in ITK-SNAP / 3D Slicer. Written atomically.
+
+    Args:
+        mask: integer or bool array ``(z, y, x)`` with values 0..255 (e.g. 0/1 tumour
+            or 0/1/2 liver/tumour), same shape as ``reference.image``.
+        reference: the volume the mask was computed on.
+        path: destination ending in ``.nii.gz`` (or ``.nii``).
+
+    Returns:
+        ``Path(path)``.
+    """
+    mask = np.asarray(mask)
+    if mask.shape != reference.shape:
+        raise HepasegError(
+            f"{path}: mask shape mismatch: expected {reference.shape} (z, y, x) like {reference.case_id}, "
+            f"got {tuple(mask.shape)}. Resample the mask back to the source grid before writing."
+        )
+    if (
+        mask.dtype != np.bool_
+        and mask.size
+        and (
+            mask.min() < 0
+            or mask.max() > 255
+            or (not np.issubdtype(mask.dtype, np.integer) and not np.all(mask == np.rint(mask)))
+        )
+    ):
+        raise HepasegError(
+            f"{path}: mask values do not fit uint8: expected integers 0..255, got range "
+            f"{mask.min():g}..{mask.max():g}. Threshold or argmax the prediction first."
+        )
+    return _write_nifti(mask.astype(np.uint8), reference.affine, path)
+
+
+def write_image_nifti(volume: Volume, path: str | os.PathLike) -> Path:
+    """Write ``volume.image`` (float32 HU, ``(z, y, x)``) as NIfTI with its affine, atomically."""
+    return _write_nifti(np.asarray(volume.image, dtype=np.float32), volume.affine, path)
+
+
+def _write_nifti(array_zyx: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not is_nifti_path(path):
+        raise HepasegError(
+            f"{path}: not a NIfTI file name: expected a name ending in .nii.gz or .nii, got "
+            f"{path.name!r}. Add the .nii.gz suffix."
+        )
+    data = np.ascontiguousarray(array_zyx.transpose(2, 1, 0))  # (z, y, x) -> (x, y, z)
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(data, affine)
+    img.set_data_dtype(data.dtype)
+    # Both forms carry the geometry; code 1 ("scanner") because it comes from the source scan.
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units(xyz="mm")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else "no details"
