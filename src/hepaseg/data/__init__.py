@@ -1,0 +1,44 @@
+"""Slice datasets: prepare CT volumes into 2D slices, load them for training, phantoms and the sample case."""
+
+from hepaseg.data.dataset import TARGETS, SliceDataset, build_augmentation
+from hepaseg.data.phantom import PHANTOM_HU, make_phantom, write_phantom_dataset
+from hepaseg.data.prepare import (
+    FORMAT,
+    SLICE_MODES,
+    SPLITS,
+    is_prepared_dir,
+    prepare,
+    preprocess_image,
+    read_manifest,
+    resize_label,
+    select_slices,
+    split_cases,
+    stack_context,
+    summary_table,
+)
+from hepaseg.data.sample import LITS117_SHA256, SAMPLES, default_cache_dir, fetch_lits117
+
+__all__ = [
+    "FORMAT",
+    "LITS117_SHA256",
+    "PHANTOM_HU",
+    "SAMPLES",
+    "SLICE_MODES",
+    "SPLITS",
+    "TARGETS",
+    "SliceDataset",
+    "build_augmentation",
+    "default_cache_dir",
+    "fetch_lits117",
+    "is_prepared_dir",
+    "make_phantom",
+    "prepare",
+    "preprocess_image",
+    "read_manifest",
+    "resize_label",
+    "select_slices",
+    "split_cases",
+    "stack_context",
+    "summary_table",
+    "write_phantom_dataset",
+]

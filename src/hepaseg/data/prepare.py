@@ -1,0 +1,689 @@
+"""Turn CT volumes into a prepared 2D slice dataset (``hepaseg prepare``).
+
+Every network in hepaseg trains on axial slices. This module reads each case
+(through :func:`hepaseg.io.find_cases` and :func:`hepaseg.io.read_volume`),
+windows and resizes it, keeps the slices the protocol asks for, assigns each
+PATIENT to train/val/test and writes one compressed shard per case plus a
+manifest. Training, evaluation and inference read exactly the format below.
+
+Prepared dataset format (``hepaseg-slices/1``)
+----------------------------------------------
+::
+
+    DIR/manifest.json   written LAST, atomically: its presence means the dataset is complete
+    {
+      "format": "hepaseg-slices/1", "hepaseg_version": "0.1.0",
+      "n_slices": <total slices written>,
+      "options": {"window": [lo, hi], "size": 224, "slices": "tumor" | "liver" | "all",
+                  "context_slices": K, "split": [0.7, 0.1, 0.2] or null,
+                  "split_file": path or null, "seed": S, "z_split": null or {...}},
+      "demo_z_split": false,          # true when z_split was used: NOT a patient-level split
+      "cases": [ {"id": "ircadb-1.1", "source": "...", "kind": "ircadb",
+                  "shape": [z, y, x], "spacing": [z, y, x] (mm),
+                  "kept_slices": [original z indices], "n_slices": n,
+                  "tumor_pixels": <label == 2 pixels at the prepared size>,
+                  "liver_pixels": <label > 0 pixels (liver incl. tumour) at the prepared size>,
+                  "has_label": true (false: unlabelled source, --slices all; label is all 0),
+                  "split": "train" | "val" | "test", "shard": "cases/ircadb-1.1.npz"} ]
+    }
+    DIR/cases/<id>.npz  (numpy.savez_compressed):
+        image        float16 (n, 2K+1, size, size) in [0, 1]; centre slice in channel K
+        label        uint8   (n, size, size) in {0 background, 1 liver, 2 tumour}
+        slice_index  int32   (n,) original z index of each slice (= kept_slices)
+
+Characters other than ``A-Z a-z 0-9 . _ -`` in a case id become ``_`` in its
+shard file name (``lits-117-z:train`` -> ``cases/lits-117-z_train.npz``);
+always open the shard named in the manifest.
+
+Preprocessing (inference must do the same; use :func:`preprocess_image`,
+:func:`resize_label` and :func:`stack_context`)
+----------------------------------------------------------------------------
+1. Window: clip HU to ``[lo, hi]`` (default ``[-200, 250]``, the usual liver
+   window) and scale linearly to ``[0, 1]``.
+2. Resize each axial slice to ``size x size`` pixels (default 224, as the
+   paper) with :func:`torch.nn.functional.interpolate`, ``align_corners=False``:
+   images ``bilinear`` without antialiasing (the same as OpenCV's default
+   ``cv2.resize`` used by most LiTS pipelines, and what
+   :mod:`hepaseg.inference.preprocess` does), labels ``nearest-exact`` (the
+   pixel whose centre is nearest; plain ``nearest`` in torch is shifted by half
+   a pixel). Non-square slices are stretched.
+3. Slice selection on the ORIGINAL-resolution label: ``tumor`` (default, as the
+   paper: every axial slice whose label contains tumour), ``liver`` (any label
+   > 0) or ``all`` (every slice; the only choice for unlabelled volumes).
+4. Context: ``context_slices = K`` stores the K neighbours on each side as
+   channels (``2K + 1`` channels, slice ``z + j - K`` in channel ``j``); at the
+   volume's ends the border slice is repeated.
+
+Splits are by PATIENT, never by slice
+-------------------------------------
+``split=(train, val, test)`` fractions: case ids are sorted, shuffled with
+``numpy.random.default_rng(seed)`` and cut in that order. Rounding:
+``n_test = floor(n * test + 0.5)``, ``n_val = floor(n * val + 0.5)``, the rest is
+train; if that leaves no train case, test and then val give cases back until
+train has one (so 1 case -> train only; 3 cases with the default -> 2/0/1;
+10 -> 7/1/2). ``split_file``: JSON ``{"train": [ids], "val": [...], "test": [...]}``
+naming every case exactly once.
+
+``z_split`` (demos only, a single-volume source): the volume's z range is cut
+into three contiguous blocks (train lowest z, then val, then test) of the
+given fractions, separated by ``gap`` unused slices (default ``2K + 2``, so no
+context channel of one block shows a slice of another), giving three case
+entries ``<id>-z:train`` etc. Slices of ONE patient are strongly correlated, so
+scores on such a split are optimistic; the manifest says ``"demo_z_split": true``.
+
+Reproducing the paper's LiTS training set
+-----------------------------------------
+The paper trains on 7190 tumour-bearing axial slices of the LiTS training
+volumes at 224 x 224::
+
+    hepaseg prepare /path/to/LiTS --slices tumor --size 224 --out lits_prepared
+
+over the 131 training volumes (``volume-N.nii`` + ``segmentation-N.nii``); the
+exact count depends on the LiTS release (label corrections changed a few slices).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hepaseg import __version__
+from hepaseg.errors import HepasegError
+from hepaseg.io import find_cases, read_volume
+from hepaseg.io.atomic import write_json_atomic
+from hepaseg.io.volume import LABEL_TUMOR, Volume
+
+__all__ = [
+    "FORMAT",
+    "SLICE_MODES",
+    "SPLITS",
+    "is_prepared_dir",
+    "prepare",
+    "preprocess_image",
+    "read_manifest",
+    "resize_label",
+    "select_slices",
+    "split_cases",
+    "stack_context",
+    "summary_table",
+]
+
+FORMAT = "hepaseg-slices/1"
+SPLITS = ("train", "val", "test")
+SLICE_MODES = ("tumor", "liver", "all")
+_CHUNK = 32  # slices resized at once: bounds memory for 512 x 512 x 900 volumes
+
+
+# --- preprocessing (shared with inference) ------------------------------------------------------
+
+
+def preprocess_image(
+    image_hu: np.ndarray,
+    *,
+    window: tuple[float, float],
+    size: int,
+    indices: Sequence[int] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Window HU to [0, 1] and resize axial slices to ``size x size``.
+
+    Args:
+        image_hu: ``(z, y, x)`` CT in HU.
+        window: ``(lo, hi)`` HU, ``lo < hi``.
+        size: output slice size in pixels.
+        indices: z indices to process (default: all); gathered chunk by chunk so
+            a 512 x 512 x 900 volume is never copied whole.
+
+    Returns:
+        float32 ``(len(indices), size, size)`` in [0, 1] (bilinear,
+        ``align_corners=False``, no antialiasing).
+    """
+    lo, hi = float(window[0]), float(window[1])
+    idx = np.arange(image_hu.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
+    out = np.empty((idx.size, size, size), dtype=np.float32)
+    for start in range(0, idx.size, _CHUNK):
+        chunk = np.asarray(image_hu[idx[start : start + _CHUNK]], dtype=np.float32)
+        chunk = (np.clip(chunk, lo, hi) - lo) / (hi - lo)
+        t = torch.from_numpy(np.ascontiguousarray(chunk))[:, None]  # (n, 1, y, x)
+        if t.shape[-2:] != (size, size):
+            t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+        out[start : start + len(chunk)] = t[:, 0].clamp_(0.0, 1.0).numpy()
+    return out
+
+
+def resize_label(label: np.ndarray, *, size: int) -> np.ndarray:
+    """Resize a ``(z, y, x)`` label map to uint8 ``(z, size, size)`` with ``nearest-exact``."""
+    out = np.empty((label.shape[0], size, size), dtype=np.uint8)
+    for start in range(0, label.shape[0], _CHUNK):
+        chunk = np.asarray(label[start : start + _CHUNK])
+        t = torch.from_numpy(chunk.astype(np.float32))[:, None]
+        if t.shape[-2:] != (size, size):
+            t = F.interpolate(t, size=(size, size), mode="nearest-exact")
+        out[start : start + len(chunk)] = t[:, 0].round().numpy().astype(np.uint8)
+    return out
+
+
+def stack_context(slices: np.ndarray, indices: Sequence[int], context_slices: int) -> np.ndarray:
+    """Gather ``2K + 1`` neighbouring slices as channels around each index.
+
+    Args:
+        slices: ``(z, H, W)`` preprocessed volume.
+        indices: z indices of the centre slices.
+        context_slices: ``K >= 0``; neighbours beyond the volume repeat the border slice.
+
+    Returns:
+        ``(len(indices), 2K + 1, H, W)`` with slice ``z + j - K`` in channel ``j``.
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    offsets = np.arange(-context_slices, context_slices + 1)
+    gather = np.clip(idx[:, None] + offsets[None, :], 0, slices.shape[0] - 1)  # (n, 2K+1)
+    return slices[gather]
+
+
+def select_slices(label: np.ndarray | None, mode: str, *, where: str = "volume") -> np.ndarray:
+    """Original z indices to keep: ``tumor`` (label == 2 present), ``liver`` (label > 0) or ``all``."""
+    if mode == "all":
+        return np.arange(label.shape[0] if label is not None else 0, dtype=np.int64)
+    if label is None:
+        raise HepasegError(
+            f"{where}: has no label map but --slices {mode} needs one: expected a labelled case, "
+            "got an image only. Use --slices all for unlabelled volumes."
+        )
+    hit = label == LABEL_TUMOR if mode == "tumor" else label > 0
+    return np.flatnonzero(hit.any(axis=(1, 2)))
+
+
+# --- splits -------------------------------------------------------------------------------------
+
+
+def split_cases(case_ids: Sequence[str], fractions: Sequence[float], *, seed: int = 0) -> dict[str, str]:
+    """Assign case ids to train/val/test by patient (seeded shuffle of the sorted ids).
+
+    Rounding: ``n_test = floor(n * f_test + 0.5)``, ``n_val = floor(n * f_val + 0.5)``,
+    train takes the rest; if train would be empty, test and then val give cases
+    back so that train always has at least one case.
+
+    Returns:
+        ``{case_id: "train" | "val" | "test"}``.
+    """
+    ids = sorted(case_ids)
+    n = len(ids)
+    _, f_val, f_test = (float(f) for f in fractions)
+    n_test = math.floor(n * f_test + 0.5)
+    n_val = math.floor(n * f_val + 0.5)
+    while n - n_val - n_test < 1 and (n_test or n_val):
+        if n_test:
+            n_test -= 1
+        else:
+            n_val -= 1
+    order = np.random.default_rng(seed).permutation(n)
+    shuffled = [ids[i] for i in order]
+    n_train = n - n_val - n_test
+    out = {cid: "train" for cid in shuffled[:n_train]}
+    out.update({cid: "val" for cid in shuffled[n_train : n_train + n_val]})
+    out.update({cid: "test" for cid in shuffled[n_train + n_val :]})
+    return out
+
+
+def _read_split_file(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HepasegError(
+            f"{path}: split file not found. Give an existing JSON file to --split-file."
+        ) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HepasegError(
+            f'{path}: split file is not valid JSON ({exc}). Expected {{"train": [ids], "val": [...], "test": [...]}}.'
+        ) from None
+    if not isinstance(data, dict) or not set(data) <= set(SPLITS):
+        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise HepasegError(f"{path}: split file keys: expected a subset of {list(SPLITS)}, got {got}.")
+    assignment: dict[str, str] = {}
+    for split_name, ids in data.items():
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise HepasegError(
+                f"{path}: split {split_name!r}: expected a list of case id strings, got {ids!r}."
+            )
+        for cid in ids:
+            if cid in assignment:
+                raise HepasegError(
+                    f"{path}: case {cid!r} is listed in both {assignment[cid]!r} and {split_name!r}: "
+                    "expected each case in exactly one split."
+                )
+            assignment[cid] = split_name
+    return assignment
+
+
+# --- manifest helpers ---------------------------------------------------------------------------
+
+
+def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """Load and check ``root/manifest.json``; raise HepasegError when missing or not ours."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise HepasegError(
+            f"{path}: manifest not found: expected a directory written by `hepaseg prepare`. "
+            "Run `hepaseg prepare SOURCES --out DIR` first (an interrupted prepare leaves no manifest)."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HepasegError(f"{path}: manifest is not valid JSON ({exc}). Re-run `hepaseg prepare`.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise HepasegError(
+            f"{path}: manifest format: expected {FORMAT!r}, got {got!r}. Re-run `hepaseg prepare`."
+        )
+    for key in ("options", "cases"):
+        if key not in manifest:
+            raise HepasegError(f"{path}: manifest has no {key!r} entry. Re-run `hepaseg prepare`.")
+    return manifest
+
+
+def is_prepared_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a complete prepare output (a manifest of our format)."""
+    try:
+        read_manifest(path)
+    except HepasegError:
+        return False
+    return True
+
+
+def summary_table(manifest: dict[str, Any], *, title: str = "prepared slices") -> Table:
+    """A rich table: one row per case (id, slices kept, tumour pixels, split) and a total row."""
+    table = Table(title=title)
+    table.add_column("case")
+    table.add_column("slices kept", justify="right")
+    table.add_column("tumour pixels", justify="right")
+    table.add_column("split")
+    per_split = {s: 0 for s in SPLITS}
+    for case in manifest["cases"]:
+        table.add_row(case["id"], str(case["n_slices"]), f"{case['tumor_pixels']:,}", case["split"])
+        per_split[case["split"]] += case["n_slices"]
+    total_px = sum(c["tumor_pixels"] for c in manifest["cases"])
+    parts = ", ".join(f"{s} {n}" for s, n in per_split.items())
+    table.add_section()
+    n_cases = len(manifest["cases"])
+    table.add_row(
+        f"total ({n_cases} case{'s' if n_cases != 1 else ''})",
+        str(manifest["n_slices"]),
+        f"{total_px:,}",
+        parts,
+    )
+    return table
+
+
+# --- prepare ------------------------------------------------------------------------------------
+
+
+def _safe_name(case_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", case_id)
+
+
+def _check_options(window, size, slices, context_slices, split, z_split, split_file) -> tuple:
+    try:
+        lo, hi = (float(w) for w in window)
+    except (TypeError, ValueError):
+        raise HepasegError(f"--window: expected two HU numbers LO,HI, got {window!r}.") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+        raise HepasegError(f"--window: expected LO < HI (HU), got {lo:g},{hi:g}. Example: --window -200,250.")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise HepasegError(
+            f"--size: expected a positive number of pixels, got {size!r}. Example: --size 224."
+        )
+    if slices not in SLICE_MODES:
+        raise HepasegError(f"--slices: expected one of {', '.join(SLICE_MODES)}, got {slices!r}.")
+    if not isinstance(context_slices, int) or context_slices < 0:
+        raise HepasegError(f"--context-slices: expected an integer >= 0, got {context_slices!r}.")
+    fractions = None
+    if split is not None and split_file is None and z_split is None:
+        fractions = _check_fractions(split, "--split")
+    if split_file is not None and z_split is not None:
+        raise HepasegError("--split-file and --z-split: expected at most one of them, got both.")
+    z_opts = None
+    if z_split is not None:
+        if isinstance(z_split, dict):
+            z_fr = z_split.get("fractions")
+            gap = z_split.get("gap")
+        else:
+            z_fr, gap = z_split, None
+        z_fractions = _check_fractions(z_fr, "--z-split")
+        if gap is None:
+            gap = 2 * context_slices + 2
+        if not isinstance(gap, int) or gap < 2 * context_slices:
+            raise HepasegError(
+                f"--z-gap: expected an integer >= 2 * context_slices = {2 * context_slices} "
+                f"(so no context slice is shared between blocks), got {gap!r}."
+            )
+        z_opts = {
+            "fractions": z_fractions,
+            "gap": gap,
+            "note": "demo only: contiguous z blocks of one patient, not a patient-level split",
+        }
+    return (lo, hi), fractions, z_opts
+
+
+def _check_fractions(values, option: str) -> list[float]:
+    try:
+        fr = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise HepasegError(f"{option}: expected three fractions TRAIN,VAL,TEST, got {values!r}.") from None
+    if (
+        len(fr) != 3
+        or any(not math.isfinite(f) or f < 0 for f in fr)
+        or abs(sum(fr) - 1.0) > 1e-6
+        or fr[0] <= 0
+    ):
+        raise HepasegError(
+            f"{option}: expected three non-negative fractions TRAIN,VAL,TEST summing to 1 with TRAIN > 0, "
+            f"got {values!r}. Example: {option} 0.7,0.1,0.2."
+        )
+    return fr
+
+
+def _z_blocks(n_z: int, fractions: Sequence[float], gap: int, where: str) -> dict[str, np.ndarray]:
+    """Contiguous z ranges (train, val, test) with ``gap`` unused slices between used blocks."""
+    n_used_blocks = sum(1 for f in fractions if f > 0)
+    usable = n_z - gap * (n_used_blocks - 1)
+    if usable < n_used_blocks:
+        raise HepasegError(
+            f"{where}: --z-split needs at least {n_used_blocks + gap * (n_used_blocks - 1)} slices "
+            f"(blocks + gaps of {gap}), got {n_z}. Use fewer --context-slices or a smaller --z-gap."
+        )
+    n_test = math.floor(usable * fractions[2] + 0.5) if fractions[2] > 0 else 0
+    n_val = math.floor(usable * fractions[1] + 0.5) if fractions[1] > 0 else 0
+    n_test, n_val = max(n_test, 1 if fractions[2] > 0 else 0), max(n_val, 1 if fractions[1] > 0 else 0)
+    n_train = usable - n_val - n_test
+    if n_train < 1:
+        raise HepasegError(
+            f"{where}: --z-split leaves no train slices ({n_z} slices). Give train a larger fraction."
+        )
+    blocks, start = {}, 0
+    for name, n in zip(SPLITS, (n_train, n_val, n_test)):
+        if n == 0:
+            blocks[name] = np.arange(0)
+            continue
+        blocks[name] = np.arange(start, start + n)
+        start += n + gap
+    return blocks
+
+
+def _process_volume(
+    vol: Volume, keep: np.ndarray, *, window, size: int, context_slices: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocess only the slices needed for ``keep`` (and their context): image (n, 2K+1, S, S), label (n, S, S)."""
+    n_z = vol.image.shape[0]
+    if keep.size == 0:
+        return (
+            np.zeros((0, 2 * context_slices + 1, size, size), np.float16),
+            np.zeros((0, size, size), np.uint8),
+        )
+    offsets = np.arange(-context_slices, context_slices + 1)
+    needed = np.unique(np.clip(keep[:, None] + offsets[None, :], 0, n_z - 1))
+    pre = preprocess_image(vol.image, window=window, size=size, indices=needed)  # (m, S, S)
+    # Map original z -> row of ``pre``; stack_context on the compact array via searchsorted.
+    gather = np.searchsorted(needed, np.clip(keep[:, None] + offsets[None, :], 0, n_z - 1))
+    image = pre[gather].astype(np.float16)  # (n, 2K+1, S, S)
+    if vol.label is not None:
+        label = resize_label(vol.label[keep], size=size)
+    else:
+        label = np.zeros((keep.size, size, size), np.uint8)
+    return image, label
+
+
+def _check_label(vol: Volume, where: str) -> None:
+    if vol.label is None:
+        return
+    if vol.label.shape != vol.image.shape:
+        raise HepasegError(
+            f"{where}: label shape: expected the image shape {vol.image.shape}, got {vol.label.shape}."
+        )
+    label = vol.label
+    if label.size and label.dtype == np.uint8 and label.max() <= 2:
+        return  # the usual case (io returns uint8): a max is much cheaper than np.unique
+    values = np.unique(label)
+    if any(v not in (0, 1, 2) for v in values):
+        raise HepasegError(
+            f"{where}: label values: expected {{0 background, 1 liver, 2 tumour}}, got {sorted(int(v) for v in values)}. "
+            "Convert the labels to the LiTS convention first."
+        )
+
+
+def _check_out(out: Path, overwrite: bool) -> bool:
+    """Return True when ``out`` holds a previous prepare output that will be replaced."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise HepasegError(
+            f"{out}: --out exists and is a file: expected a new or empty directory. Choose another --out."
+        )
+    if not any(out.iterdir()):
+        return False
+    if not is_prepared_dir(out):
+        raise HepasegError(
+            f"{out}: --out exists and holds other files (no {FORMAT} manifest.json): expected a new or empty "
+            "directory or a previous prepare output. Choose another --out; nothing was written."
+        )
+    if not overwrite:
+        raise HepasegError(
+            f"{out}: --out already holds a prepared dataset: expected a new directory. "
+            "Pass --overwrite to replace it or choose another --out."
+        )
+    return True
+
+
+def prepare(
+    sources: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    window: tuple[float, float] = (-200.0, 250.0),
+    size: int = 224,
+    slices: str = "tumor",
+    context_slices: int = 0,
+    split: Sequence[float] | None = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    split_file: str | os.PathLike | None = None,
+    z_split: Sequence[float] | dict | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Prepare a slice dataset from CT volumes; see the module docstring for the format.
+
+    Args:
+        sources: files or folders (LiTS, MSD Task03, 3D-IRCADb, NIfTI, DICOM, MRC);
+            every case found in them is used.
+        out: output directory: new, empty, or (with ``overwrite``) a previous output.
+        window: HU window ``(lo, hi)``, ``lo < hi`` (default ``(-200, 250)``).
+        size: slice size in pixels after resizing, > 0 (default 224).
+        slices: ``tumor`` (default) | ``liver`` | ``all``.
+        context_slices: ``K >= 0`` neighbours each side stored as channels (default 0).
+        split: ``(train, val, test)`` fractions summing to 1 (default ``(0.7, 0.1, 0.2)``);
+            ignored when ``split_file`` or ``z_split`` is given.
+        seed: seed of the patient shuffle (default 0).
+        split_file: JSON ``{"train": [ids], "val": [...], "test": [...]}`` naming every case.
+        z_split: demo only, one volume: three fractions, or ``{"fractions": [...], "gap": g}``.
+        overwrite: replace a previous prepare output at ``out``.
+        progress: show a progress bar over volumes.
+        console: where the progress bar and summary table go (default: stdout).
+
+    Returns:
+        The manifest (also written to ``out/manifest.json``).
+
+    Raises:
+        HepasegError: bad options, missing/empty sources, unreadable or invalid
+            cases, unknown split ids, or an ``out`` that is not ours. On any error
+            nothing is left at ``out`` (a previous output is kept as it was).
+    """
+    (lo, hi), fractions, z_opts = _check_options(
+        window, size, slices, context_slices, split, z_split, split_file
+    )
+    out = Path(out)
+    replace_previous = _check_out(out, overwrite)
+    split_path = Path(split_file) if split_file is not None else None
+    file_assignment = _read_split_file(split_path) if split_path is not None else None
+
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    source_paths = [Path(s) for s in sources]
+    if not source_paths:
+        raise HepasegError("SOURCES: expected at least one file or folder of CT volumes, got none.")
+    for src in source_paths:
+        if not src.exists():
+            raise HepasegError(f"{src}: source not found: expected an existing file or folder of CT volumes.")
+    case_paths = list(find_cases(source_paths))
+    if not case_paths:
+        names = ", ".join(str(s) for s in source_paths)
+        raise HepasegError(
+            f"{names}: no CT cases found: expected LiTS, MSD, 3D-IRCADb, NIfTI, DICOM or MRC files. Check the path."
+        )
+    if z_opts is not None and len(case_paths) != 1:
+        raise HepasegError(
+            f"--z-split: expected a single-volume source (it splits one patient along z), got {len(case_paths)} cases."
+        )
+
+    console = console or Console()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset is meant to be shared like any dir
+    try:
+        (tmp / "cases").mkdir()
+        cases: list[dict[str, Any]] = []
+        seen: dict[str, str] = {}
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
+            task = bar.add_task("preparing", total=len(case_paths))
+            for path in case_paths:
+                bar.update(task, description=f"preparing {Path(path).name}")
+                vol = read_volume(path)  # labels too when the layout has them, even for --slices all
+                where = f"{path}"
+                if vol.case_id in seen:
+                    raise HepasegError(
+                        f"{path}: case id {vol.case_id!r} also comes from {seen[vol.case_id]}: "
+                        "expected each case once. Remove the duplicate source."
+                    )
+                seen[vol.case_id] = str(path)
+                if vol.image.ndim != 3:
+                    raise HepasegError(
+                        f"{path}: image: expected a 3D (z, y, x) volume, got shape {vol.image.shape}."
+                    )
+                _check_label(vol, where)
+                keep_all = (
+                    np.arange(vol.image.shape[0])
+                    if slices == "all"
+                    else select_slices(vol.label, slices, where=where)
+                )
+                if z_opts is not None:
+                    blocks = _z_blocks(vol.image.shape[0], z_opts["fractions"], z_opts["gap"], where)
+                    parts = [
+                        (f"{vol.case_id}-z:{name}", name, np.intersect1d(keep_all, blk))
+                        for name, blk in blocks.items()
+                    ]
+                else:
+                    parts = [(vol.case_id, None, keep_all)]
+                for case_id, block_split, keep in parts:
+                    image, label = _process_volume(
+                        vol, keep, window=(lo, hi), size=size, context_slices=context_slices
+                    )
+                    shard = f"cases/{_safe_name(case_id)}.npz"
+                    np.savez_compressed(
+                        tmp / shard, image=image, label=label, slice_index=keep.astype(np.int32)
+                    )
+                    cases.append(
+                        {
+                            "id": case_id,
+                            "source": str(vol.source or path),
+                            "kind": vol.kind,
+                            "shape": list(vol.shape),
+                            "spacing": [float(s) for s in vol.spacing],
+                            "kept_slices": [int(z) for z in keep],
+                            "n_slices": int(keep.size),
+                            "tumor_pixels": int((label == LABEL_TUMOR).sum()),
+                            "liver_pixels": int((label > 0).sum()),
+                            "has_label": vol.label is not None,
+                            "split": block_split,
+                            "shard": shard,
+                        }
+                    )
+                del vol
+                bar.advance(task)
+
+        if z_opts is None:
+            ids = [c["id"] for c in cases]
+            if file_assignment is not None:
+                missing = [i for i in ids if i not in file_assignment]
+                unknown = [i for i in file_assignment if i not in ids]
+                if missing:
+                    raise HepasegError(
+                        f"{split_path}: cases not listed in the split file: {', '.join(missing)}: "
+                        "expected every case in train, val or test. Add them to the split file."
+                    )
+                if unknown:
+                    raise HepasegError(
+                        f"{split_path}: unknown case ids {', '.join(unknown)}: expected ids of the sources "
+                        f"({', '.join(sorted(ids))}). Fix the split file."
+                    )
+                assignment = file_assignment
+            else:
+                assignment = split_cases(ids, fractions, seed=seed)  # type: ignore[arg-type]
+            for c in cases:
+                c["split"] = assignment[c["id"]]
+
+        manifest = {
+            "format": FORMAT,
+            "hepaseg_version": __version__,
+            "n_slices": int(sum(c["n_slices"] for c in cases)),
+            "options": {
+                "window": [lo, hi],
+                "size": size,
+                "slices": slices,
+                "context_slices": context_slices,
+                "split": fractions,
+                "split_file": str(split_path) if split_path is not None else None,
+                "seed": seed,
+                "z_split": z_opts,
+            },
+            "demo_z_split": z_opts is not None,
+            "cases": cases,
+        }
+        write_json_atomic(tmp / "manifest.json", manifest)  # last file written
+        _move_into_place(tmp, out, replace_previous)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    console.print(summary_table(manifest, title=f"prepared slices -> {out}"))
+    return manifest
+
+
+def _move_into_place(tmp: Path, out: Path, replace_previous: bool) -> None:
+    """Rename the finished temp dir onto ``out`` (moving a previous output aside first)."""
+    if out.is_dir() and not replace_previous:
+        out.rmdir()  # empty directory (checked by _check_out)
+    if not replace_previous:
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old.rmdir()
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)  # put the previous output back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
