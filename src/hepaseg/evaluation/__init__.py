@@ -1,0 +1,37 @@
+"""Evaluation: per-slice and per-case segmentation metrics and the paper's Table 1.
+
+``metrics`` computes Dice, Jaccard, precision, recall, specificity, Hausdorff and HD95 per
+2D slice (pixels) and Dice, Jaccard, RVD, ASSD, HD95, Hausdorff per 3D case (mm), with an
+explicit empty-mask policy; ``report`` aggregates slices (means, sd, the paper's F1 of the
+mean precision and recall), renders Table 1 as Markdown and writes per-slice CSVs.
+"""
+
+from hepaseg.evaluation.metrics import (
+    SLICE_METRICS,
+    VOLUME_METRICS,
+    global_dice,
+    slice_metrics,
+    surface_distances,
+    volume_metrics,
+)
+from hepaseg.evaluation.report import (
+    TABLE1_COLUMNS,
+    f1_from_means,
+    summarize_slices,
+    table1_markdown,
+    write_slice_csv,
+)
+
+__all__ = [
+    "SLICE_METRICS",
+    "TABLE1_COLUMNS",
+    "VOLUME_METRICS",
+    "f1_from_means",
+    "global_dice",
+    "slice_metrics",
+    "summarize_slices",
+    "surface_distances",
+    "table1_markdown",
+    "volume_metrics",
+    "write_slice_csv",
+]
