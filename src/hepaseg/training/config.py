@@ -1,0 +1,138 @@
+"""The training configuration: one flat, typed dataclass.
+
+:class:`TrainConfig` is what ``hepaseg train`` fills from its options and what
+``RUN/config.json`` and every checkpoint store (as a plain dict, see
+:meth:`TrainConfig.to_dict`), so a run can be rebuilt from its checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from hepaseg.errors import HepasegError
+
+__all__ = ["PRECISIONS", "SCHEDULES", "TrainConfig", "parse_key_values"]
+
+SCHEDULES = ("cosine", "poly")
+# User spellings -> Lightning precision strings.
+PRECISIONS = {
+    "32": "32-true", "32-true": "32-true",
+    "16": "16-mixed", "16-mixed": "16-mixed",
+    "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run depends on (flat on purpose: one place to read).
+
+    ``None`` means "choose from the hardware" and is resolved by
+    :func:`hepaseg.training.train` before the run starts; ``RUN/config.json``
+    holds the resolved values.
+    """
+
+    # --- what to train, where -------------------------------------------------------------
+    data: str  # prepared dataset directory (hepaseg prepare output, holds manifest.json)
+    model: str  # registry name, see `hepaseg models`
+    out: str  # run directory: config.json, best.ckpt, last.ckpt, logs/
+    width: int = 64  # base_width: channels of the first level (64 as in the papers)
+    model_options: dict[str, Any] = field(default_factory=dict)  # architecture options of that model
+    target: str = "tumor"  # which label the SliceDataset turns into the binary mask
+
+    # --- optimisation ---------------------------------------------------------------------
+    loss: str = "dice_bce"  # dice_bce | focal | tversky (see training.losses)
+    lr: float = 1e-3  # AdamW peak learning rate
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    schedule: str = "cosine"  # cosine | poly (power 0.9), per optimizer step, after warm-up
+    warmup_fraction: float = 0.05  # share of all optimizer steps spent in linear warm-up from 0
+    min_lr_ratio: float = 0.0  # final lr as a fraction of lr (cosine and poly)
+    batch_size: int = 8  # slices per optimizer step and per device
+    max_epochs: int = 50
+    max_minutes: float | None = None  # wall-clock budget; ends training cleanly and saves last.ckpt
+    early_stopping_patience: int | None = None  # epochs without a val_dice gain; None = off
+
+    # --- data loading ---------------------------------------------------------------------
+    augment: bool = True  # the dataset's training augmentation (never on validation)
+    num_workers: int = 0  # DataLoader worker processes per device
+
+    # --- numerics and reproducibility -----------------------------------------------------
+    precision: str | None = None  # 32-true | 16-mixed | bf16-mixed; None: bf16-mixed on CPUs with
+    # native bf16, else 32-true; 16-mixed on CUDA
+    channels_last: bool | None = None  # NHWC memory format; None: on for CPU bf16-mixed (faster oneDNN)
+    seed: int = 0  # seeds python/numpy/torch and the DataLoader workers
+    deterministic: bool = True  # deterministic algorithms (CPU runs repeat bit for bit)
+
+    # --- scale-out (passed to the Lightning Trainer) ---------------------------------------
+    accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps
+    devices: str | int = "auto"  # number of devices per node, or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ... (Lightning strategy names)
+
+    # --- run directory --------------------------------------------------------------------
+    resume: bool = False  # continue from out/last.ckpt
+    overwrite: bool = False  # clear an existing run in out first
+    progress_bar: bool = True  # rich progress bar (only when stdout is a terminal)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("--width", self.width, isinstance(self.width, int) and self.width > 0, "a positive integer"),
+            ("--lr", self.lr, self.lr > 0, "a positive number"),
+            ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "a number >= 0"),
+            ("--schedule", self.schedule, self.schedule in SCHEDULES, " or ".join(SCHEDULES)),
+            ("warmup_fraction", self.warmup_fraction, 0 <= self.warmup_fraction < 1, "in [0, 1)"),
+            ("min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("--batch-size", self.batch_size, self.batch_size > 0, "a positive integer"),
+            ("--max-epochs", self.max_epochs, self.max_epochs > 0, "a positive integer"),
+            ("--max-minutes", self.max_minutes, self.max_minutes is None or self.max_minutes > 0,
+             "a positive number"),
+            ("--early-stopping-patience", self.early_stopping_patience,
+             self.early_stopping_patience is None or self.early_stopping_patience > 0, "a positive integer"),
+            ("--num-workers", self.num_workers, self.num_workers >= 0, "an integer >= 0"),
+            ("--precision", self.precision, self.precision is None or self.precision in PRECISIONS,
+             ", ".join(PRECISIONS)),
+            ("--num-nodes", self.num_nodes, self.num_nodes > 0, "a positive integer"),
+        ]
+        for option, value, ok, expected in checks:
+            if not ok:
+                raise HepasegError(f"{option}: invalid value: expected {expected}, got {value!r}")
+        if self.precision is not None:
+            self.precision = PRECISIONS[self.precision]
+        if isinstance(self.devices, str) and self.devices.isdigit():
+            self.devices = int(self.devices)
+        if self.resume and self.overwrite:
+            raise HepasegError("--resume and --overwrite: both given: expected at most one. "
+                               "Resume continues RUN/last.ckpt, overwrite deletes the run")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (what config.json and checkpoints store)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys (from a newer version) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def parse_key_values(items: list[str], *, option: str = "--model-option") -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings; values are JSON when they parse (``3``, ``0.5``, ``true``,
+    ``[1, 2]``, ``null``), otherwise kept as strings (``mode=add``).
+
+    >>> parse_key_values(["depth=4", "attention=true", "mode=add", "scales=[1,2]"])
+    {'depth': 4, 'attention': True, 'mode': 'add', 'scales': [1, 2]}
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise HepasegError(f"{option}: cannot parse {item!r}: expected KEY=VALUE with KEY a Python "
+                               "identifier, e.g. depth=4")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out

@@ -1,0 +1,270 @@
+"""``train(config) -> TrainResult``: the one function ``hepaseg train`` calls.
+
+It owns the run directory (refuse / overwrite / resume), resolves hardware
+defaults (precision, memory format), wires the network, loss, DataModule,
+callbacks and loggers into a Lightning ``Trainer``, and reports what happened.
+
+Run directory layout::
+
+    RUN/config.json              resolved TrainConfig (written atomically at start)
+    RUN/best.ckpt, RUN/last.ckpt best val_dice / latest epoch (atomic writes)
+    RUN/result.json              TrainResult of the last invocation
+    RUN/logs/csv/version_N/metrics.csv, RUN/logs/tensorboard/version_N/  one version per invocation
+
+The same call runs single-process or as one rank of DDP (torchrun, SLURM
+``srun``, or Lightning's own launcher, which re-executes the command line
+per device): only global rank 0 touches the run directory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+    Timer,
+)
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from hepaseg.errors import HepasegError
+from hepaseg.io.atomic import write_json_atomic
+from hepaseg.training.checkpoint import AtomicCheckpointIO, read_checkpoint
+from hepaseg.training.config import TrainConfig
+from hepaseg.training.datamodule import DatasetEpoch, SliceDataModule
+from hepaseg.training.losses import build_loss
+from hepaseg.training.module import SegmentationModule
+
+__all__ = ["TrainResult", "resolve_config", "train"]
+
+CONFIG_FORMAT = "hepaseg-train/1"
+_RUN_MARKERS = ("config.json", "last.ckpt", "best.ckpt")
+
+
+@dataclass
+class TrainResult:
+    """What one :func:`train` call did (times are this invocation's, not the whole run's)."""
+
+    run_dir: Path
+    best_checkpoint: Path | None  # RUN/best.ckpt (None if no validation finished)
+    last_checkpoint: Path | None  # RUN/last.ckpt
+    best_val_dice: float | None
+    epochs: int  # epochs completed in the run so far (resumed ones included)
+    steps: int  # optimizer steps so far (global_step)
+    wall_seconds: float  # this invocation, set-up included
+    seconds_per_epoch: float | None  # mean over the epochs completed in this invocation
+    stopped_by_time: bool = False  # --max-minutes ran out
+    epoch_seconds: list[float] = field(default_factory=list)  # each epoch of this invocation (train + val)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def _is_global_zero() -> bool:
+    """Whether this process is global rank 0, from the launcher's environment (before DDP is set up).
+
+    torchrun sets RANK; Lightning's launcher sets LOCAL_RANK/NODE_RANK in the
+    processes it starts; srun sets SLURM_PROCID (checked after LOCAL_RANK because
+    it is inherited by processes Lightning starts inside a one-task job).
+    """
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]) == 0
+    if int(env.get("LOCAL_RANK", 0)) != 0 or int(env.get("NODE_RANK", env.get("GROUP_RANK", 0))) != 0:
+        return False
+    return int(env.get("SLURM_PROCID", 0)) == 0
+
+
+def _cpu_has_native_bf16() -> bool:
+    # AVX512-BF16 or AMX: without them bf16 autocast is emulated and slower than fp32.
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Fill the hardware-dependent ``None`` defaults (precision, channels_last) of ``config``."""
+    accelerator = config.accelerator
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    precision = config.precision
+    if precision is None:
+        precision = "16-mixed" if on_gpu else ("bf16-mixed" if on_cpu and _cpu_has_native_bf16() else "32-true")
+    channels_last = config.channels_last
+    if channels_last is None:
+        channels_last = on_cpu and precision == "bf16-mixed"
+    return TrainConfig.from_dict({**config.to_dict(), "precision": precision, "channels_last": channels_last})
+
+
+def _prepare_run_dir(config: TrainConfig) -> Path | None:
+    """Check (and on rank 0 create / clear) the run directory; return the checkpoint to resume from."""
+    run = Path(config.out)
+    last = run / "last.ckpt"
+    if not _is_global_zero():
+        # Other ranks start once rank 0 has checked (and written config.json): they would see a run.
+        return last if config.resume else None
+    present = [name for name in _RUN_MARKERS if (run / name).exists()]
+    if config.resume:
+        if not last.is_file():
+            raise HepasegError(f"{last}: not found: --resume needs the last.ckpt of an earlier run in --out. "
+                               "Drop --resume to start a new run")
+        return last
+    if present and not config.overwrite:
+        raise HepasegError(f"{run}: already holds a run ({', '.join(present)}): expected a new or empty "
+                           "directory. Pass --resume to continue it or --overwrite to replace it")
+    if present:  # --overwrite; only a directory that holds a run is ever deleted
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _check_resume_matches(path: Path, config: TrainConfig) -> dict[str, Any]:
+    meta = read_checkpoint(path)["hepaseg"]
+    for key, now in (("model", config.model), ("base_width", config.width), ("model_options", config.model_options)):
+        if meta.get(key) != now:
+            raise HepasegError(f"{path}: --resume with a different {key}: expected {meta.get(key)!r} "
+                               f"(the checkpoint's), got {now!r}. Resume with the same model options")
+    return meta
+
+
+class _EpochTimer(Callback):
+    """Wall time of each training epoch (train + validation) of this invocation."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.durations.append(time.perf_counter() - self._start)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train ``config.model`` on the prepared data in ``config.data``; write checkpoints to ``config.out``.
+
+    Raises HepasegError for unusable input (data directory, model name or
+    options, an existing run without --resume/--overwrite) and when the loss
+    becomes NaN/inf (naming the step).
+    """
+    from hepaseg.models import build_model  # models is the stage above training
+
+    t0 = time.perf_counter()
+    config = resolve_config(config)
+    run = Path(config.out)
+    # Validate everything (data, loss, model and its options) before touching the run directory.
+    datamodule = SliceDataModule(config.data, batch_size=config.batch_size, num_workers=config.num_workers,
+                                 augment=config.augment, target=config.target, seed=config.seed)
+    loss = build_loss(config.loss)
+    L.seed_everything(config.seed, workers=True, verbose=False)  # before the network draws its weights
+    datamodule.setup("fit")
+    net = build_model(config.model, in_channels=datamodule.in_channels, num_classes=1, base_width=config.width,
+                      **config.model_options)
+    resume_from = _prepare_run_dir(config)
+    if resume_from is not None:
+        meta = _check_resume_matches(resume_from, config)["metrics"]
+        rank_zero_info(f"hepaseg: resuming {resume_from} (saved after epoch {meta['epoch']}, "
+                       f"step {meta['step']}); continuing at epoch {meta['epoch'] + 1}")
+    meta = {
+        "model": config.model,
+        "model_options": dict(config.model_options),
+        "in_channels": datamodule.in_channels,
+        "num_classes": 1,
+        "base_width": config.width,
+        "data_options": datamodule.data_options,
+        "config": config.to_dict(),
+    }
+    if _is_global_zero():
+        write_json_atomic(run / "config.json", {"format": CONFIG_FORMAT, **meta})
+    module = SegmentationModule(
+        net, loss, lr=config.lr, weight_decay=config.weight_decay, schedule=config.schedule,
+        warmup_fraction=config.warmup_fraction, min_lr_ratio=config.min_lr_ratio,
+        channels_last=config.channels_last, meta=meta,
+    )
+
+    # Two checkpointers: Lightning's save_last only writes when the monitored metric improves, but
+    # --resume needs the latest epoch every epoch.
+    checkpointer = ModelCheckpoint(dirpath=run, filename="best", monitor="val_dice", mode="max", save_top_k=1,
+                                   enable_version_counter=False, auto_insert_metric_name=False)
+    last_checkpointer = ModelCheckpoint(dirpath=run, filename="last", monitor=None, save_top_k=1,
+                                        enable_version_counter=False, auto_insert_metric_name=False)
+    epoch_timer = _EpochTimer()
+    callbacks: list[Callback] = [checkpointer, last_checkpointer, epoch_timer, DatasetEpoch(), LearningRateMonitor(logging_interval="step")]
+    if config.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor="val_dice", mode="max", patience=config.early_stopping_patience))
+    timer = None
+    if config.max_minutes:
+        timer = Timer(duration={"seconds": config.max_minutes * 60}, interval="step")
+        callbacks.append(timer)
+    show_progress = config.progress_bar and sys.stdout.isatty()
+    if show_progress:
+        callbacks.append(RichProgressBar())
+    logs = run / "logs"
+    loggers = [CSVLogger(logs, name="csv"), TensorBoardLogger(logs, name="tensorboard", default_hp_metric=False)]
+
+    steps_per_epoch = max(1, len(datamodule.train_set) // config.batch_size)
+    on_gpu = config.accelerator in ("gpu", "cuda") or (config.accelerator == "auto" and torch.cuda.is_available())
+    trainer = L.Trainer(
+        default_root_dir=run,
+        max_epochs=config.max_epochs,
+        precision=config.precision,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        # Some CUDA kernels (e.g. bilinear upsampling backward) have no deterministic version: warn there
+        # instead of failing; CPU kernels are deterministic, so CPU runs repeat exactly.
+        deterministic=("warn" if on_gpu else True) if config.deterministic else False,
+        callbacks=callbacks,
+        logger=loggers,
+        log_every_n_steps=min(50, steps_per_epoch),
+        enable_progress_bar=show_progress,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+    )
+    with warnings.catch_warnings():
+        # config.json is written first, so Lightning's "checkpoint directory is not empty" is expected.
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+
+    stopped_by_time = timer is not None and timer.time_remaining("train") <= 0
+    last = run / "last.ckpt"
+    if stopped_by_time:
+        # The budget can end mid-epoch, after the last end-of-epoch save: save the state reached.
+        trainer.save_checkpoint(last)
+        rank_zero_info(f"hepaseg: --max-minutes {config.max_minutes} reached; saved {last}")
+    best_score = checkpointer.best_model_score
+    best_val = float(best_score) if best_score is not None and math.isfinite(float(best_score)) else None
+    best = run / "best.ckpt"
+    result = TrainResult(
+        run_dir=run,
+        best_checkpoint=best if best.is_file() else None,
+        last_checkpoint=last if last.is_file() else None,
+        best_val_dice=best_val,
+        epochs=int(trainer.current_epoch),
+        steps=int(trainer.global_step),
+        wall_seconds=time.perf_counter() - t0,
+        seconds_per_epoch=(sum(epoch_timer.durations) / len(epoch_timer.durations)) if epoch_timer.durations
+        else None,
+        stopped_by_time=stopped_by_time,
+        epoch_seconds=list(epoch_timer.durations),
+    )
+    if trainer.is_global_zero:
+        write_json_atomic(run / "result.json", result.to_dict())
+    return result

@@ -1,0 +1,190 @@
+"""train(): learning, determinism, run-directory safety, NaN stop, time budget, CLI, kill + resume.
+
+Everything runs a width-4 U-Net on a 32 x 32 synthetic dataset (tests/_tiny_data.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from _tiny_data import make_tiny_dataset
+from hepaseg.cli import app
+from hepaseg.errors import HepasegError
+from hepaseg.training import TrainConfig, parse_key_values, train
+from hepaseg.training.module import dice_per_slice, lr_factor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    # 2 train cases x 6 slices = 12 training slices, 6 validation slices, 3 channels (K = 1).
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")
+
+
+def _config(data: Path, out: Path, **overrides) -> TrainConfig:
+    options = {"model": "unet", "width": 4, "batch_size": 4, "max_epochs": 2, "precision": "32",
+               "progress_bar": False}
+    options.update(overrides)
+    return TrainConfig(data=str(data), out=str(out), **options)
+
+
+def _metrics(run: Path, version: int = 0) -> list[dict[str, str]]:
+    with open(run / "logs" / "csv" / f"version_{version}" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_loss_decreases_on_overfittable_set(tiny_data, tmp_path):
+    result = train(_config(tiny_data, tmp_path / "run", max_epochs=8, lr=1e-2, augment=False))
+    losses = [float(r["train_loss_epoch"]) for r in _metrics(tmp_path / "run") if r["train_loss_epoch"]]
+    assert len(losses) == 8
+    assert losses[-1] < 0.8 * losses[0], losses
+    dices = [float(r["val_dice"]) for r in _metrics(tmp_path / "run") if r["val_dice"]]
+    assert result.best_val_dice == pytest.approx(max(dices))
+    assert (result.epochs, result.steps) == (8, 8 * 3)  # 12 slices / batch 4
+    assert result.best_checkpoint == tmp_path / "run" / "best.ckpt" and result.best_checkpoint.is_file()
+    assert len(result.epoch_seconds) == 8 and result.seconds_per_epoch > 0
+
+
+def test_same_seed_same_weights(tiny_data, tmp_path):
+    # Default precision (bf16-mixed where the CPU has it) and augmentation on: the real path.
+    runs = [train(_config(tiny_data, tmp_path / name, precision=None, seed=seed))
+            for name, seed in (("a", 7), ("b", 7), ("c", 8))]
+    a, b, c = (torch.load(r.last_checkpoint, weights_only=True)["state_dict"] for r in runs)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed matters, so the check above can fail
+
+
+def test_run_directory_refused_then_overwritten(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(HepasegError, match=r"run: already holds a run \(config.json\).*--resume.*--overwrite"):
+        train(_config(tiny_data, run))
+    assert (run / "notes.txt").read_text() == "mine"  # refused before touching anything
+    with pytest.raises(HepasegError, match=r"last.ckpt: not found: --resume"):
+        train(_config(tiny_data, run, resume=True))
+    with pytest.raises(HepasegError, match="--resume and --overwrite"):
+        _config(tiny_data, run, resume=True, overwrite=True)
+    result = train(_config(tiny_data, run, overwrite=True, max_epochs=1))
+    assert not (run / "notes.txt").exists() and result.last_checkpoint.is_file()
+    assert (run / "config.json").is_file() and (run / "result.json").is_file()
+
+
+def test_bad_inputs_name_the_option(tiny_data, tmp_path):
+    with pytest.raises(HepasegError, match=r"unknown model 'nosuch'.*unet"):
+        train(_config(tiny_data, tmp_path / "r1", model="nosuch"))
+    with pytest.raises(HepasegError, match="manifest.json"):
+        train(_config(tmp_path / "nowhere", tmp_path / "r2"))
+    with pytest.raises(HepasegError, match=r"--precision: invalid value.*'64'"):
+        _config(tiny_data, tmp_path / "r3", precision="64")
+    with pytest.raises(HepasegError, match="--loss: unknown loss"):
+        train(_config(tiny_data, tmp_path / "r4", loss="l2"))
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r4").exists()
+
+
+def test_nan_loss_stops_naming_the_step(tiny_data, tmp_path, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("hepaseg.training.train")  # the module, not the function
+
+    class NanAfterTwo(torch.nn.Module):
+        calls = 0
+
+        def forward(self, logits, target):
+            NanAfterTwo.calls += torch.is_grad_enabled()  # count training steps only, not validation
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
+            return loss * float("nan") if NanAfterTwo.calls > 2 else loss
+
+    monkeypatch.setattr(train_module, "build_loss", lambda name: NanAfterTwo())
+    with pytest.raises(HepasegError, match=r"training loss: not finite.*got nan at step 2 \(epoch 0, batch 2\)"):
+        train(_config(tiny_data, tmp_path / "run"))
+
+
+def test_time_budget_stops_and_saves(tiny_data, tmp_path):
+    result = train(_config(tiny_data, tmp_path / "run", max_epochs=1000, max_minutes=0.0001))
+    assert result.stopped_by_time and result.epochs < 1000
+    meta = torch.load(result.last_checkpoint, weights_only=True)["hepaseg"]
+    assert meta["metrics"]["step"] == result.steps
+
+
+def test_cli_train_one_epoch(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tiny_data), "--model", "unet", "--width", "4", "--out", str(out),
+            "--max-epochs", "1", "--batch-size", "4", "--precision", "32", "--no-augment", "--schedule", "poly"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "best val_dice" in result.output and (out / "best.ckpt").is_file()
+    config = torch.load(out / "last.ckpt", weights_only=True)["hepaseg"]["config"]
+    assert (config["schedule"], config["augment"], config["precision"]) == ("poly", False, "32-true")
+    again = CliRunner().invoke(app, args)  # same RUN again: refused, one line, exit 1
+    assert again.exit_code == 1 and "already holds a run" in again.output
+    bad = CliRunner().invoke(app, [*args[:-2], "--model-option", "depth"])
+    assert bad.exit_code == 1 and "--model-option: cannot parse 'depth'" in bad.output
+
+
+def test_parse_key_values():
+    assert parse_key_values(["depth=4", "p=0.5", "on=true", "mode=add", "s=[1,2]", "x=null", "t=a=b"]) == {
+        "depth": 4, "p": 0.5, "on": True, "mode": "add", "s": [1, 2], "x": None, "t": "a=b"}
+    with pytest.raises(HepasegError, match="--model-option: cannot parse '=3'"):
+        parse_key_values(["=3"])
+
+
+def test_dice_per_slice_and_schedule():
+    logits = torch.full((3, 1, 2, 2), -5.0)
+    target = torch.zeros(3, 1, 2, 2)
+    logits[1, 0, 0, 0] = 5.0  # slice 1: one false positive on an empty mask -> 0
+    target[2, 0, 0, :] = 1  # slice 2: half of the mask found -> 2 * 1 / 3
+    logits[2, 0, 0, 0] = 5.0
+    assert dice_per_slice(logits, target).tolist() == pytest.approx([1.0, 0.0, 2 / 3])
+    f = [lr_factor(s, total_steps=10, warmup_steps=4, schedule="cosine") for s in range(10)]
+    assert f[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and f[4] == pytest.approx(1.0)
+    assert all(x > y for x, y in itertools.pairwise(f[4:]))
+    assert lr_factor(7, total_steps=10, warmup_steps=0, schedule="poly") == pytest.approx(0.3**0.9)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_last_checkpoint(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "hepaseg.cli", "train", "--data", str(tiny_data), "--model", "unet",
+            "--width", "4", "--out", str(run), "--batch-size", "4", "--precision", "32", "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*base, "--max-epochs", "500"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "last.ckpt").exists():
+            assert proc.poll() is None, "training exited before writing last.ckpt"
+            assert time.monotonic() < deadline, "no last.ckpt after 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed = torch.load(run / "last.ckpt", weights_only=True)  # complete despite the kill: atomic write
+    epoch = killed["hepaseg"]["metrics"]["epoch"]
+    assert epoch < 499
+    done = subprocess.run([*base, "--resume", "--max-epochs", str(epoch + 3)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = done.stdout + done.stderr
+    assert f"resuming {run / 'last.ckpt'} (saved after epoch {epoch}" in log
+    final = torch.load(run / "last.ckpt", weights_only=True)
+    assert final["hepaseg"]["metrics"]["epoch"] == epoch + 2
+    assert final["global_step"] == (epoch + 3) * 3  # 3 steps per epoch, none repeated or lost
+    # The resumed invocation logged only the new epochs, in a new CSV version.
+    epochs = {int(r["epoch"]) for r in _metrics(run, version=1) if r["epoch"]}
+    assert epochs == {epoch + 1, epoch + 2}
