@@ -1,0 +1,356 @@
+"""Whole-volume prediction, preprocessing parity with prepare, predict_case end to end, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from torch import nn
+from typer.testing import CliRunner
+
+from hepaseg.cli import app
+from hepaseg.data.phantom import make_phantom, write_phantom_dataset
+from hepaseg.errors import HepasegError
+from hepaseg.inference import draw_overlay, predict_case, predict_volume, preprocess_slices
+from hepaseg.io import Volume, read_volume, write_image_nifti
+from hepaseg.models import build_model
+
+WINDOW = (-200.0, 250.0)
+SHAPE = (12, 64, 64)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_checkpoint(
+    path: Path, *, model: str = "mfcnet", width: int = 4, k: int = 1, size: int = 32,
+    in_channels: int | None = None, head_bias: float | None = None,
+) -> Path:
+    """A checkpoint in the format of hepaseg.training.checkpoint, without training.
+
+    ``head_bias`` zeroes the 1x1 head and sets its bias: a constant logit everywhere, so the
+    predicted mask is known exactly (all tumour for +10, none for -10).
+    """
+    torch.manual_seed(0)
+    channels = in_channels if in_channels is not None else 2 * k + 1
+    net = build_model(model, in_channels=channels, num_classes=1, base_width=width)
+    if head_bias is not None:
+        with torch.no_grad():
+            net.head.weight.zero_()
+            net.head.bias.fill_(head_bias)
+    checkpoint = {
+        "state_dict": {f"net.{key}": value for key, value in net.state_dict().items()},
+        "hepaseg": {
+            "version": "0.1.0", "model": model, "model_options": {}, "in_channels": channels,
+            "num_classes": 1, "base_width": width,
+            "data_options": {"window": list(WINDOW), "size": size, "context_slices": k, "slices": "all",
+                             "target": "tumor"},
+            "metrics": {}, "config": {},
+        },
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
+class CentreThreshold(nn.Module):
+    """Flip-equivariant toy network: logit = 40 * (centre channel - 0.5), i.e. tumour where HU > 25."""
+
+    in_channels = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 40.0 * (x[:, 1:2] - 0.5)
+
+
+class Skewed(nn.Module):
+    """Not flip-equivariant: a fixed asymmetric 3x3 kernel on the centre channel."""
+
+    in_channels = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0, 1] = torch.tensor([[4.0, 0, 0], [0, 1.0, 0], [-2.0, 0, 3.0]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) - 2.0
+
+
+def _reference_inputs(image: np.ndarray, k: int) -> np.ndarray:
+    """Hand-written preprocessing without resize: window, replicate the ends, float16 rounding."""
+    scaled = (np.clip(image, *WINDOW) - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
+    z = image.shape[0]
+    out = np.stack([[scaled[min(max(i + j, 0), z - 1)] for j in range(-k, k + 1)] for i in range(z)])
+    return out.astype(np.float16).astype(np.float32)
+
+
+def _opts(size: int, k: int = 1) -> dict:
+    return {"window": list(WINDOW), "size": size, "context_slices": k}
+
+
+@pytest.fixture(scope="module")
+def phantom() -> Volume:
+    return make_phantom(SHAPE, n_tumors=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def lits_case(tmp_path_factory) -> Path:
+    """A labelled phantom in the LiTS layout (volume-0.nii.gz + segmentation-0.nii.gz)."""
+    root = tmp_path_factory.mktemp("lits")
+    (path,) = write_phantom_dataset(root, "lits", n_cases=1, shape=SHAPE, seed=3, n_tumors=2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_case(tmp_path_factory, phantom) -> Path:
+    """The same phantom as a plain NIfTI without labels."""
+    path = tmp_path_factory.mktemp("plain") / "scan.nii.gz"
+    write_image_nifti(phantom, path)
+    return path
+
+
+# --- preprocessing ------------------------------------------------------------------------------
+
+
+def test_preprocess_matches_hand_written_reference_with_edge_replication():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1000, 600, size=(5, 16, 16)).astype(np.float32)
+    got = preprocess_slices(image, np.arange(5), _opts(16, k=2)).numpy()
+    np.testing.assert_array_equal(got, _reference_inputs(image, 2))
+    # A batch of non-consecutive centres gathers the same rows.
+    np.testing.assert_array_equal(preprocess_slices(image, [4, 0], _opts(16, k=2)).numpy(), got[[4, 0]])
+
+
+def test_preprocess_matches_prepare_shards_bit_for_bit(lits_case, tmp_path):
+    from hepaseg.data.prepare import prepare
+
+    out = tmp_path / "prepared"
+    manifest = prepare(lits_case, out, window=WINDOW, size=48, slices="all", context_slices=1, progress=False,
+                       console=Console(file=io.StringIO()))
+    shard = np.load(out / manifest["cases"][0]["shard"])
+    volume = read_volume(lits_case)
+    got = preprocess_slices(volume.image, shard["slice_index"], _opts(48, k=1)).numpy()
+    np.testing.assert_array_equal(got, shard["image"].astype(np.float32))
+
+
+# --- predict_volume -----------------------------------------------------------------------------
+
+
+def test_predict_volume_without_resize_equals_independent_threshold():
+    rng = np.random.default_rng(1)
+    # Keep every HU away from the decision value 25 HU so float16 rounding cannot flip a voxel.
+    image = np.where(rng.random((6, 24, 24)) < 0.3, 120.0, -80.0).astype(np.float32)
+    mask = predict_volume(CentreThreshold(), image, _opts(24), progress=False)
+    assert mask.dtype == np.uint8 and mask.shape == image.shape
+    np.testing.assert_array_equal(mask, (image > 25).astype(np.uint8))
+
+
+def test_predict_volume_maps_back_to_odd_original_size():
+    image = np.full((7, 50, 70), -100.0, np.float32)
+    image[:, 10:40, 15:55] = 200.0  # bright block -> tumour for CentreThreshold
+    block = image > 25
+    prob = predict_volume(CentreThreshold(), image, _opts(32), threshold=None, progress=False)
+    assert prob.shape == (7, 50, 70) and prob.dtype == np.float32
+    assert 0.0 <= prob.min() and prob.max() <= 1.0
+    mask = predict_volume(CentreThreshold(), image, _opts(32), progress=False)
+    iou = (mask.astype(bool) & block).sum() / (mask.astype(bool) | block).sum()
+    assert iou > 0.9
+
+
+def test_tta_with_flip_equivariant_model_equals_plain_prediction(phantom):
+    plain = predict_volume(CentreThreshold(), phantom, _opts(48), threshold=None, progress=False)
+    tta = predict_volume(CentreThreshold(), phantom, _opts(48), threshold=None, tta=True, progress=False)
+    np.testing.assert_allclose(tta, plain, atol=1e-6)
+
+
+def test_tta_averages_the_three_flips_for_a_skewed_model(phantom):
+    model = Skewed()
+    x = torch.from_numpy(_reference_inputs(phantom.image, 1))  # size 64 = original: no resize
+    with torch.no_grad():
+        expected = sum(torch.sigmoid(torch.flip(model(torch.flip(x, d)), d) if d else model(x))
+                       for d in [(), (-1,), (-2,)]) / 3
+    plain = predict_volume(model, phantom, _opts(64), threshold=None, progress=False, precision="fp32")
+    tta = predict_volume(model, phantom, _opts(64), threshold=None, tta=True, progress=False, precision="fp32")
+    np.testing.assert_allclose(tta, expected[:, 0].numpy(), atol=1e-5)
+    assert np.abs(tta - plain).max() > 1e-3  # the flips do change this model's output
+
+
+def test_batch_size_does_not_change_the_result(phantom):
+    torch.manual_seed(0)
+    model = build_model("mfcnet", in_channels=3, num_classes=1, base_width=4)
+    kw = {"threshold": None, "progress": False, "precision": "fp32"}
+    image = phantom.image[:9]  # 9 slices: batch 8 leaves a last batch of 1
+    one = predict_volume(model, image, _opts(32), batch=1, **kw)
+    eight = predict_volume(model, image, _opts(32), batch=8, **kw)
+    np.testing.assert_allclose(one, eight, atol=1e-5)
+
+
+def test_bf16_precision_stays_close_to_fp32(phantom):
+    kw = {"threshold": None, "progress": False}
+    fp32 = predict_volume(Skewed(), phantom, _opts(64), precision="fp32", **kw)
+    bf16 = predict_volume(Skewed(), phantom, _opts(64), precision="bf16", **kw)
+    assert np.abs(bf16 - fp32).max() < 0.05
+
+
+@pytest.mark.parametrize(
+    "image, k, match",
+    [
+        (np.zeros((64, 64), np.float32), 1, "3D CT volume"),
+        (np.zeros((1, 64, 64), np.float32), 0, "at least 2 slices"),
+        (np.zeros((4, 32, 32), np.float32), 3, "at least 7 slices"),
+    ],
+)
+def test_predict_volume_refuses_inputs_the_model_cannot_read(image, k, match):
+    with pytest.raises(HepasegError, match=match):
+        predict_volume(nn.Conv2d(2 * k + 1, 1, 1), image, _opts(32, k), progress=False)
+
+
+def test_predict_volume_refuses_channel_mismatch(phantom):
+    with pytest.raises(HepasegError, match="reads 1 channels.*context_slices \\+ 1 = 3"):
+        predict_volume(nn.Conv2d(1, 1, 1), phantom, _opts(32, k=1), progress=False)
+
+
+def test_predict_volume_argument_checks(phantom):
+    with pytest.raises(ValueError, match="batch"):
+        predict_volume(CentreThreshold(), phantom, _opts(32), batch=0)
+    with pytest.raises(ValueError, match="precision"):
+        predict_volume(CentreThreshold(), phantom, _opts(32), precision="int8")
+
+
+# --- overlay ------------------------------------------------------------------------------------
+
+
+def test_overlay_is_a_png_of_the_most_tumour_slices(phantom, tmp_path):
+    import matplotlib.image
+
+    from hepaseg.inference.overlay import select_slices
+
+    gt = phantom.label == 2
+    path = draw_overlay(phantom.image, np.zeros_like(gt), tmp_path / "o.png", gt_mask=gt, n=3)
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert matplotlib.image.imread(path).ndim == 3
+    counts = gt.sum(axis=(1, 2))
+    # Empty prediction -> ranked by ground truth.
+    assert select_slices(np.zeros_like(gt), gt, 3) == sorted(np.argsort(-counts, kind="stable")[:3].tolist())
+    assert [p.name for p in tmp_path.iterdir()] == ["o.png"]  # no temporary left behind
+
+
+# --- predict_case end to end --------------------------------------------------------------------
+
+
+def test_predict_case_end_to_end_with_labels(lits_case, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "m.ckpt")
+    out = tmp_path / "out"
+    result = predict_case(lits_case, out, checkpoint=ckpt, batch=4, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["tumor_mask.nii.gz", "lesions.csv", "lesions.json", "overlay.png", "metrics.json"]
+    )
+    source = nib.load(lits_case)
+    written = nib.load(out / "tumor_mask.nii.gz")
+    assert written.shape == source.shape
+    np.testing.assert_allclose(written.affine, source.affine)
+    assert written.get_data_dtype() == np.uint8
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"dice", "jaccard", "rvd", "assd", "hd95", "hausdorff"} <= set(metrics)
+    assert (out / "overlay.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert json.loads((out / "lesions.json").read_text())["lesions"] == result.lesions
+    assert set(result.timings) >= {"read", "inference", "write"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temp dir renamed
+
+
+def test_all_tumour_model_gives_exact_mask_lesion_and_dice(lits_case, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "all.ckpt", head_bias=10.0)
+    result = predict_case(lits_case, tmp_path / "out", checkpoint=ckpt, progress=False)
+    volume = read_volume(lits_case)
+    n, t = volume.image.size, int((volume.label == 2).sum())
+    assert nib.load(result.paths["mask"]).get_fdata().min() == 1
+    assert [r["voxels"] for r in result.lesions] == [n]
+    assert result.metrics["dice"] == pytest.approx(2 * t / (n + t))
+
+
+def test_lits_labels_take_the_liver_from_the_input(lits_case, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "none.ckpt", head_bias=-10.0)  # predicts no tumour
+    result = predict_case(lits_case, tmp_path / "out", checkpoint=ckpt, labels="lits", progress=False)
+    volume = read_volume(lits_case)
+    mask = np.asarray(nib.load(result.paths["mask"]).dataobj).transpose(2, 1, 0)  # (x,y,z) -> (z,y,x)
+    np.testing.assert_array_equal(mask, (volume.label > 0).astype(np.uint8))
+    assert result.lesions == []
+
+
+def test_unlabelled_input_writes_no_metrics_and_lits_mode_is_refused(plain_case, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "m.ckpt")
+    result = predict_case(plain_case, tmp_path / "out", checkpoint=ckpt, progress=False)
+    assert result.metrics is None and not (tmp_path / "out" / "metrics.json").exists()
+    with pytest.raises(HepasegError, match="--labels lits needs a liver mask"):
+        predict_case(plain_case, tmp_path / "out2", checkpoint=ckpt, labels="lits", progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_out_dir_with_other_files_is_refused_unless_overwrite(plain_case, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "m.ckpt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(HepasegError, match=r"already holds files \(notes.txt\).*--overwrite"):
+        predict_case(plain_case, out, checkpoint=ckpt, progress=False)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    predict_case(plain_case, out, checkpoint=ckpt, overwrite=True, progress=False)
+    assert not (out / "notes.txt").exists() and (out / "tumor_mask.nii.gz").is_file()
+    # An existing EMPTY folder is fine.
+    (tmp_path / "empty").mkdir()
+    predict_case(plain_case, tmp_path / "empty", checkpoint=ckpt, progress=False)
+
+
+def _write_raw(path: Path, image: np.ndarray) -> Path:
+    write_image_nifti(Volume(image=image.astype(np.float32), spacing=(2.0, 1.0, 1.0), affine=np.eye(4)), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "image, ckpt_kwargs, match",
+    [
+        (np.full((1, 32, 32), -1000.0), {}, "single 2D slice"),  # io refuses 1-slice NIfTI
+        (np.random.default_rng(0).uniform(0, 900, (10, 32, 32)), {}, "does not look like CT"),  # MRI-like
+        (np.full((4, 32, 32), -1000.0), {"k": 2}, "has 4 axial slice.*at least 5"),  # too thin for K=2
+        (np.full((10, 32, 32), -1000.0), {"k": 1, "in_channels": 1}, "reads 1 channels"),  # inconsistent ckpt
+    ],
+)
+def test_predict_case_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, image, ckpt_kwargs, match):
+    case = _write_raw(tmp_path / "case.nii.gz", image)
+    ckpt = write_checkpoint(tmp_path / "m.ckpt", model="unet", **ckpt_kwargs)
+    with pytest.raises(HepasegError, match=match) as info:
+        predict_case(case, tmp_path / "out", checkpoint=ckpt, progress=False)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.nii.gz", "m.ckpt"]
+
+
+def test_predict_case_option_errors(plain_case, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "m.ckpt")
+    with pytest.raises(HepasegError, match="--labels"):
+        predict_case(plain_case, tmp_path / "o", checkpoint=ckpt, labels="liver")
+    with pytest.raises(HepasegError, match="--threshold"):
+        predict_case(plain_case, tmp_path / "o", checkpoint=ckpt, threshold=1.5)
+    with pytest.raises(HepasegError, match="--checkpoint"):
+        predict_case(plain_case, tmp_path / "o")
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_predict_prints_lesions_and_paths(lits_case, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "all.ckpt", head_bias=10.0)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        app, ["predict", str(lits_case), "--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "1 lesion(s)" in res.output and "tumor_mask.nii.gz" in res.output and "dice" in res.output
+    res = CliRunner().invoke(
+        app, ["predict", str(lits_case), "--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]
+    )
+    assert res.exit_code == 1 and "error:" in res.output and "--overwrite" in res.output
