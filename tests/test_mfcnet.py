@@ -39,7 +39,8 @@ def reference_block(block: ContextAggregation, x: torch.Tensor) -> torch.Tensor:
 
 
 # C = 16, 24: the query width d = C // 8 divides C; C = 44 (d = 5) exercises the zero-padded head.
-@pytest.mark.parametrize("channels", [16, 24, 44])
+# 300 > 256: Q and K padded to 256-wide heads, F split into 2 heads with zero-padded channels.
+@pytest.mark.parametrize("channels", [16, 24, 44, 300])
 def test_sdpa_equals_naive_outputs_and_gradients(channels):
     torch.manual_seed(0)
     block = ContextAggregation(channels)
