@@ -4,8 +4,24 @@
 2D slice (pixels) and Dice, Jaccard, RVD, ASSD, HD95, Hausdorff per 3D case (mm), with an
 explicit empty-mask policy; ``report`` aggregates slices (means, sd, the paper's F1 of the
 mean precision and recall), renders Table 1 as Markdown and writes per-slice CSVs.
+``evaluate`` scores a checkpoint on a prepared split (``hepaseg evaluate``); ``compare``
+trains and evaluates several networks under one protocol (``hepaseg compare``).
 """
 
+from hepaseg.evaluation.compare import (
+    CompareResult,
+    check_sizes,
+    compare,
+    cpu_ms_per_slice,
+    parse_models,
+    wilcoxon_vs,
+)
+from hepaseg.evaluation.evaluate import (
+    EvaluationResult,
+    check_data_options,
+    evaluate_checkpoint,
+    predict_slices,
+)
 from hepaseg.evaluation.metrics import (
     SLICE_METRICS,
     VOLUME_METRICS,
@@ -26,12 +42,22 @@ __all__ = [
     "SLICE_METRICS",
     "TABLE1_COLUMNS",
     "VOLUME_METRICS",
+    "CompareResult",
+    "EvaluationResult",
+    "check_data_options",
+    "check_sizes",
+    "compare",
+    "cpu_ms_per_slice",
+    "evaluate_checkpoint",
     "f1_from_means",
     "global_dice",
+    "parse_models",
+    "predict_slices",
     "slice_metrics",
     "summarize_slices",
     "surface_distances",
     "table1_markdown",
     "volume_metrics",
+    "wilcoxon_vs",
     "write_slice_csv",
 ]

@@ -1,0 +1,499 @@
+"""Train and evaluate several networks under one protocol: the paper's Table 1 on your data.
+
+:func:`compare` trains every listed model for every seed with the SAME protocol (data and
+split, epoch/time budget, width, loss, augmentation, optimiser, batch size, precision),
+evaluates each run's ``best.ckpt`` on the test split with
+:func:`hepaseg.evaluation.evaluate_checkpoint`, measures CPU inference time and parameter
+counts, and writes::
+
+    OUT/protocol.json            the pinned protocol (a later call must match it)
+    OUT/runs/<model>/seed<k>/    the training run (hepaseg train layout) + eval-<split>/ + compare.json
+    OUT/table.md                 Table 1 layout, mean ± sd over seeds, Params (M), CPU ms/slice,
+                                 Wilcoxon tests and the protocol
+    OUT/results.csv              one row per model x seed with every metric
+    OUT/wilcoxon.csv             paired Wilcoxon signed-rank tests, mfcnet vs each baseline
+    OUT/dice_boxplot.png         per-slice Dice per model, pooled over seeds
+
+Resuming: a (model, seed) whose ``compare.json`` marker and evaluation exist is not
+retrained; a run with ``last.ckpt`` but no marker (interrupted) continues with
+``resume=True``; a run killed before its first checkpoint starts again. So rerunning the
+same command after an interruption finishes the comparison.
+
+Statistics: the paper reports no significance tests. We add a two-sided paired Wilcoxon
+signed-rank test (:func:`scipy.stats.wilcoxon`, zero differences dropped as in its default
+``zero_method="wilcox"``) of mfcnet against each baseline on per-slice Dice, pairing slices
+by ``(seed, case, slice)``; no correction for multiple comparisons.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hepaseg.data import SliceDataset, read_manifest
+from hepaseg.errors import HepasegError
+from hepaseg.evaluation.evaluate import evaluate_checkpoint, json_safe
+from hepaseg.evaluation.metrics import SLICE_METRICS
+from hepaseg.evaluation.report import table1_markdown
+from hepaseg.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+
+__all__ = [
+    "CompareResult",
+    "check_sizes",
+    "compare",
+    "cpu_ms_per_slice",
+    "parse_models",
+    "wilcoxon_vs",
+]
+
+REFERENCE_MODEL = "mfcnet"
+_MARKER = "compare.json"
+# TrainConfig fields compare sets itself; everything else may come in train_overrides.
+_OWN_FIELDS = ("data", "model", "out", "seed", "width", "model_options", "max_epochs", "max_minutes", "resume",
+               "overwrite", "progress_bar")
+
+
+@dataclass
+class CompareResult:
+    """What :func:`compare` produced. ``runs`` has one dict per (model, seed) (the rows of
+    ``results.csv``); ``wilcoxon`` one dict per baseline (the rows of ``wilcoxon.csv``)."""
+
+    out: Path
+    models: list[str]
+    seeds: list[int]
+    runs: list[dict[str, Any]]
+    wilcoxon: list[dict[str, Any]]
+    params: dict[str, int]
+    cpu_ms_per_slice: dict[str, float]
+    trained: list[tuple[str, int]]  # (model, seed) trained or resumed in this call
+    table: str
+    protocol: dict[str, Any]
+    wall_seconds: float
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def parse_models(models: str | Sequence[str]) -> list[str]:
+    """``"all"`` -> every registered model; ``"a,b"`` or ``["a", "b"]`` -> those, checked, in order.
+
+    Raises:
+        HepasegError: an unknown name (the message lists the valid ones) or an empty list.
+    """
+    from hepaseg.models import list_models
+
+    known = list_models()
+    if isinstance(models, str):
+        names = known if models.strip() == "all" else [m.strip() for m in models.split(",") if m.strip()]
+    else:
+        names = [str(m).strip() for m in models]
+    if not names:
+        raise HepasegError(f"--models: empty: expected 'all' or comma-separated names from {', '.join(known)}")
+    for name in names:
+        if name not in known:
+            raise HepasegError(f"--models: unknown model {name!r}: expected 'all' or names from {', '.join(known)}")
+    return list(dict.fromkeys(names))  # drop repeats, keep order
+
+
+def cpu_ms_per_slice(model: torch.nn.Module, *, in_channels: int, size: int, batch: int = 8,
+                     repeats: int = 5, warmup: int = 2) -> float:
+    """Median CPU wall time per slice (ms) of fp32 inference on ``(batch, in_channels, size, size)``.
+
+    A copy of ``model`` runs on the CPU in eval mode under ``torch.inference_mode``; ``warmup``
+    untimed passes (oneDNN picks kernels on the first calls), then the median of ``repeats``
+    timed passes, divided by ``batch``. Uses the process's torch thread count.
+    """
+    net = copy.deepcopy(model).to("cpu").float().eval()
+    x = torch.rand(batch, in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            net(x)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times) / batch
+
+
+def check_sizes(
+    data: str | os.PathLike,
+    *,
+    models: str | Sequence[str] = "all",
+    width: int = 64,
+    batch: int = 8,
+    timing_repeats: int = 3,
+) -> list[dict[str, Any]]:
+    """Dry run of a comparison (``hepaseg compare --size-check``): build, run and time every model.
+
+    Each model is built at ``width`` with the data's ``2K + 1`` input channels and run once in
+    fp32 on a CPU batch ``(batch, 2K + 1, size, size)`` at the prepared size, checking that the
+    logits come back as ``(batch, 1, size, size)``; nothing is trained or written.
+
+    Returns:
+        One dict per model: ``model``, ``params`` (trainable), ``in_channels``, ``size`` (px),
+        ``cpu_ms_per_slice`` (see :func:`cpu_ms_per_slice`).
+
+    Raises:
+        HepasegError: unknown model, missing data, or a model whose output has the wrong shape.
+    """
+    from hepaseg.models import build_model, count_parameters
+
+    names = parse_models(models)
+    data = Path(data)
+    if not data.is_dir():
+        raise HepasegError(f"{data}: data directory not found: expected a directory written by "
+                           "`hepaseg prepare`. Check --data or run `hepaseg prepare SOURCES --out DIR`")
+    options = read_manifest(data)["options"]
+    size, channels = int(options["size"]), 2 * int(options["context_slices"]) + 1
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = build_model(name, in_channels=channels, num_classes=1, base_width=width).eval()
+        with torch.inference_mode():
+            shape = tuple(model(torch.zeros(batch, channels, size, size)).shape)
+        if shape != (batch, 1, size, size):
+            raise HepasegError(f"model {name!r}: output shape at {size} px: expected {(batch, 1, size, size)}, "
+                               f"got {shape}. Prepare the data with another --size")
+        rows.append({"model": name, "params": count_parameters(model), "in_channels": channels, "size": size,
+                     "cpu_ms_per_slice": cpu_ms_per_slice(model, in_channels=channels, size=size, batch=batch,
+                                                          repeats=timing_repeats)})
+    return rows
+
+
+def wilcoxon_vs(reference: Mapping[tuple, float], other: Mapping[tuple, float]) -> dict[str, Any]:
+    """Two-sided paired Wilcoxon signed-rank test of ``reference - other`` over their common keys.
+
+    Args:
+        reference, other: per-slice Dice keyed by ``(seed, case, slice)``.
+
+    Returns:
+        ``n`` (pairs), ``n_nonzero`` (pairs with a difference; the test uses only these),
+        ``median_diff`` (median of reference - other over all pairs), ``statistic`` and
+        ``p_value`` of :func:`scipy.stats.wilcoxon` (defaults: ``zero_method="wilcox"``,
+        ``method="auto"``), and ``note``. When every difference is zero the test is undefined:
+        ``p_value = 1``, ``statistic = NaN`` and a note say so.
+    """
+    from scipy.stats import wilcoxon
+
+    keys = sorted(set(reference) & set(other))
+    if not keys:
+        return {"n": 0, "n_nonzero": 0, "median_diff": math.nan, "statistic": math.nan, "p_value": math.nan,
+                "note": "no common (seed, case, slice) pairs"}
+    a = np.array([reference[k] for k in keys], dtype=np.float64)
+    b = np.array([other[k] for k in keys], dtype=np.float64)
+    diff = a - b
+    out = {"n": len(keys), "n_nonzero": int(np.count_nonzero(diff)), "median_diff": float(np.median(diff))}
+    if out["n_nonzero"] == 0:
+        return {**out, "statistic": math.nan, "p_value": 1.0, "note": "all differences are zero: p set to 1"}
+    res = wilcoxon(a, b, alternative="two-sided")
+    note = "" if out["n_nonzero"] >= 10 else "fewer than 10 non-zero differences: low power"
+    return {**out, "statistic": float(res.statistic), "p_value": float(res.pvalue), "note": note}
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(fields), restval="", extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({
+                k: ("" if isinstance(v, float) and math.isnan(v) else repr(v) if isinstance(v, float) else v)
+                for k, v in row.items()
+            })
+    return path
+
+
+def _read_slice_dice(path: Path) -> dict[tuple[str, int], float]:
+    with open(path, newline="") as fh:
+        return {(row["case"], int(row["slice"])): float(row["dice"]) for row in csv.DictReader(fh)}
+
+
+def _run_state(run: Path, eval_dir: Path) -> str:
+    """``done`` | ``resume`` (last.ckpt, no marker) | ``restart`` (started, no checkpoint) | ``new``."""
+    if (run / _MARKER).is_file() and (eval_dir / "metrics.json").is_file():
+        return "done"
+    if (run / "last.ckpt").is_file():
+        return "resume"
+    if (run / "config.json").is_file():
+        return "restart"
+    return "new"
+
+
+def _check_protocol(out: Path, protocol: dict[str, Any]) -> None:
+    path = out / "protocol.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        diffs = [k for k in sorted(set(saved) | set(protocol)) if saved.get(k) != protocol.get(k)]
+        if diffs:
+            k = diffs[0]
+            raise HepasegError(
+                f"{path}: {k} differs from this call's: expected {saved.get(k)!r} (the runs already in --out), "
+                f"got {protocol.get(k)!r}. Use the same options to resume, or a new --out"
+            )
+    else:
+        write_json_atomic(path, protocol)
+
+
+def compare(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    models: str | Sequence[str] = "all",
+    seeds: int = 3,
+    width: int = 64,
+    max_minutes_per_run: float | None = None,
+    max_epochs: int = 50,
+    train_overrides: Mapping[str, Any] | None = None,
+    split: str = "test",
+    timing_repeats: int = 5,
+    log: Callable[[str], None] | None = None,
+) -> CompareResult:
+    """Train, evaluate and tabulate ``models`` x ``seeds`` under one protocol (see the module docstring).
+
+    Args:
+        data: prepared dataset directory with train, val and ``split`` cases.
+        out: comparison directory (created; rerun with the same arguments to resume).
+        models: ``"all"`` (default: the ten registered networks), ``"unet,mfcnet"`` or a list.
+        seeds: number of seeds per model, >= 1 (default 3); seeds ``0 .. seeds - 1``.
+        width: ``base_width`` of every network (default 64, the papers').
+        max_minutes_per_run: wall-clock training budget of each run (default None: epochs only).
+        max_epochs: epoch budget of each run (default 50).
+        train_overrides: further :class:`hepaseg.training.TrainConfig` fields shared by every
+            run (``batch_size``, ``precision``, ``lr``, ``loss``, ``augment``, ``accelerator``...).
+            ``precision=None`` is resolved once from the hardware so all runs share it.
+        split: split to evaluate on (default ``"test"``).
+        timing_repeats: timed passes of the CPU ms/slice measurement (default 5, after 2 warm-up).
+        log: called with one line per step (e.g. ``console.print``); default silent.
+
+    Returns:
+        A :class:`CompareResult`; the same numbers are in ``OUT/table.md``, ``results.csv``,
+        ``wilcoxon.csv`` and ``dice_boxplot.png``.
+
+    Raises:
+        HepasegError: unknown model, seeds < 1, missing data or split, an override that is not a
+            TrainConfig field (or one compare sets itself), a protocol that differs from the one
+            already in ``out``, or any training/evaluation error.
+    """
+    from hepaseg.models import count_parameters
+    from hepaseg.training import TrainConfig, train
+    from hepaseg.training.train import resolve_config
+
+    t_start = time.perf_counter()
+    say = log or (lambda _msg: None)
+    names = parse_models(models)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise HepasegError(f"--seeds: invalid value: expected a positive integer, got {seeds!r}")
+    data, out = Path(data), Path(out)
+    if not data.is_dir():
+        raise HepasegError(f"{data}: data directory not found: expected a directory written by "
+                           "`hepaseg prepare`. Check --data or run `hepaseg prepare SOURCES --out DIR`")
+    manifest = read_manifest(data)
+    SliceDataset(data, split)  # fails early, with its own message, when the split is empty
+    overrides = dict(train_overrides or {})
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in overrides:
+        if key in _OWN_FIELDS or key not in fields:
+            allowed = sorted(fields - set(_OWN_FIELDS))
+            raise HepasegError(f"train_overrides: {key!r} cannot be overridden: expected one of {', '.join(allowed)}")
+    # Resolve hardware defaults (precision) ONCE so every run of the comparison shares them.
+    probe = resolve_config(TrainConfig(data=str(data), model=names[0], out=str(out), width=width,
+                                       max_epochs=max_epochs, max_minutes=max_minutes_per_run, **overrides))
+    shared = {k: v for k, v in probe.to_dict().items() if k not in _OWN_FIELDS}
+    protocol = json_safe({
+        "data": str(data.resolve()), "split": split, "width": width, "max_epochs": max_epochs,
+        "max_minutes_per_run": max_minutes_per_run, "train": shared,
+    })
+    out.mkdir(parents=True, exist_ok=True)
+    _check_protocol(out, protocol)
+
+    runs: list[dict[str, Any]] = []
+    trained: list[tuple[str, int]] = []
+    dice_by_model: dict[str, dict[tuple, float]] = {}
+    loaded_any: dict[str, Path] = {}
+    total = len(names) * seeds
+    for m_i, name in enumerate(names):
+        dice_by_model[name] = {}
+        for seed in range(seeds):
+            step = m_i * seeds + seed + 1
+            run = out / "runs" / name / f"seed{seed}"
+            eval_dir = run / f"eval-{split}"
+            state = _run_state(run, eval_dir)
+            if state != "done":
+                say(f"[{step}/{total}] {name} seed {seed}: {'resuming' if state == 'resume' else 'training'}")
+                config = TrainConfig(data=str(data), model=name, out=str(run), seed=seed, width=width,
+                                     max_epochs=max_epochs, max_minutes=max_minutes_per_run,
+                                     resume=state == "resume", overwrite=state == "restart",
+                                     progress_bar=False, **shared)
+                result = train(config)
+                trained.append((name, seed))
+                ckpt = result.best_checkpoint or result.last_checkpoint
+                if ckpt is None:
+                    raise HepasegError(f"{run}: training wrote no checkpoint: expected best.ckpt or last.ckpt. "
+                                       "Raise --max-minutes-per-run")
+                say(f"[{step}/{total}] {name} seed {seed}: evaluating {ckpt.name} on {split}")
+                evaluate_checkpoint(ckpt, data, split=split, out=eval_dir, device=None)
+                write_json_atomic(run / _MARKER, json_safe({
+                    "model": name, "seed": seed, "checkpoint": str(ckpt),
+                    "train": result.to_dict(), "eval": str(eval_dir / "metrics.json"),
+                }))
+            else:
+                say(f"[{step}/{total}] {name} seed {seed}: done already, skipped")
+            marker = json.loads((run / _MARKER).read_text())
+            metrics = json.loads((eval_dir / "metrics.json").read_text())
+            loaded_any.setdefault(name, Path(marker["checkpoint"]))
+            train_info = marker["train"]
+            summary = {k: (math.nan if v is None else v) for k, v in metrics["summary"].items()}
+            runs.append({
+                "model": name, "seed": seed, **{k: summary[k] for k in summary},
+                "epochs": train_info.get("epochs"), "best_val_dice": train_info.get("best_val_dice"),
+                "stopped_by_time": train_info.get("stopped_by_time"), "train_wall_s": train_info.get("wall_seconds"),
+                "checkpoint": marker["checkpoint"],
+            })
+            for (case, z), d in _read_slice_dice(eval_dir / "slices.csv").items():
+                dice_by_model[name][(seed, case, z)] = d
+
+    # Size and speed, measured now on this machine (after training, so nothing else of ours runs).
+    from hepaseg.training import load_checkpoint
+
+    params: dict[str, int] = {}
+    cpu_ms: dict[str, float] = {}
+    size = int(manifest["options"]["size"])
+    for name in names:
+        loaded = load_checkpoint(loaded_any[name])
+        params[name] = count_parameters(loaded.model)
+        say(f"timing {name} on CPU ({size} px, batch 8, fp32)")
+        cpu_ms[name] = cpu_ms_per_slice(loaded.model, in_channels=loaded.in_channels, size=size,
+                                        repeats=timing_repeats)
+    for row in runs:
+        row["params"] = params[row["model"]]
+        row["cpu_ms_per_slice"] = cpu_ms[row["model"]]
+
+    tests: list[dict[str, Any]] = []
+    if REFERENCE_MODEL in names:
+        for name in names:
+            if name != REFERENCE_MODEL:
+                tests.append({"reference": REFERENCE_MODEL, "baseline": name,
+                              **wilcoxon_vs(dice_by_model[REFERENCE_MODEL], dice_by_model[name])})
+
+    paths: dict[str, Path] = {}
+    metric_cols = [k for m in SLICE_METRICS for k in (m, f"{m}_sd")] + ["f1", "f1_mean_per_slice", "n_slices"]
+    run_cols = ["model", "seed", *metric_cols, "params", "cpu_ms_per_slice", "epochs", "best_val_dice",
+                "stopped_by_time", "train_wall_s", "checkpoint"]
+    paths["results"] = _write_csv(out / "results.csv", runs, run_cols)
+    test_cols = ["reference", "baseline", "n", "n_nonzero", "median_diff", "statistic", "p_value", "note"]
+    paths["wilcoxon"] = _write_csv(out / "wilcoxon.csv", tests, test_cols)
+    paths["boxplot"] = _boxplot(out / "dice_boxplot.png", dice_by_model, seeds)
+    wall = time.perf_counter() - t_start
+    table = _table_markdown(names, seeds, runs, params, cpu_ms, tests, protocol, manifest, data, split, trained, wall)
+    paths["table"] = write_text_atomic(out / "table.md", table)
+    return CompareResult(out=out, models=names, seeds=list(range(seeds)), runs=runs, wilcoxon=tests, params=params,
+                         cpu_ms_per_slice=cpu_ms, trained=trained, table=table, protocol=protocol,
+                         wall_seconds=wall, paths=paths)
+
+
+def _boxplot(path: Path, dice_by_model: Mapping[str, Mapping[tuple, float]], seeds: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; safe in CI and over ssh
+    import matplotlib.pyplot as plt
+
+    names = list(dice_by_model)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 1.5), 4.0), dpi=120)
+    ax.boxplot([list(dice_by_model[n].values()) for n in names], showmeans=True)
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right")
+    ax.set_ylabel("per-slice Dice")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"Test-slice Dice per model ({f'{seeds} seeds pooled' if seeds > 1 else '1 seed'})")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def _fmt_p(p: float) -> str:
+    if math.isnan(p):
+        return "–"
+    return f"{p:.2e}" if p < 1e-3 else f"{p:.4f}"
+
+
+def _table_markdown(names, seeds, runs, params, cpu_ms, tests, protocol, manifest, data, split, trained,
+                    wall) -> str:
+    means: dict[str, dict[str, float]] = {}
+    sds: dict[str, dict[str, float]] = {}
+    epochs: dict[str, str] = {}
+    for name in names:
+        rows = [r for r in runs if r["model"] == name]
+        keys = [*SLICE_METRICS, "f1"]
+        means[name] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+        if seeds > 1:
+            sds[name] = {k: float(np.std([r[k] for r in rows], ddof=1)) for k in SLICE_METRICS}
+        epochs[name] = "/".join(str(r["epochs"]) for r in rows)
+    n_slices = runs[0]["n_slices"] if runs else 0
+    train = protocol["train"]
+    lines = []
+    demo = bool(manifest.get("demo_z_split", False))
+    title = "hepaseg compare" + (" — SMOKE comparison (demo z-split)" if demo else "")
+    lines += [f"# {title}", ""]
+    if demo:
+        lines += [("**Warning: smoke comparison on one patient's z-blocks, not a patient-level split.** "
+                  "Slices of one patient are strongly correlated; these numbers say nothing about "
+                  "generalisation to new patients."), ""]
+    sd_text = f"mean ± sd over {seeds} seeds" if seeds > 1 else "1 seed (no sd)"
+    lines += [(f"Table 1 layout: per-slice metrics averaged over the {n_slices} {split} slices, {sd_text}. "
+              "F1 = 2PR/(P+R) of mean precision and mean recall (the paper's definition; mean over seeds)."), ""]
+    extra = {
+        "Params (M)": {n: f"{params[n] / 1e6:.3f}" for n in names},
+        "CPU ms/slice": {n: cpu_ms[n] for n in names},
+        "Epochs": epochs,
+    }
+    lines.append(table1_markdown(means, sd=sds or None, extra=extra).rstrip("\n"))
+    lines += ["", "## Paired Wilcoxon signed-rank tests (per-slice Dice)", ""]
+    if REFERENCE_MODEL not in names:
+        lines.append(f"Skipped: {REFERENCE_MODEL} is not among the compared models.")
+    elif not tests:
+        lines.append(f"Skipped: no baseline besides {REFERENCE_MODEL}.")
+    else:
+        lines += [f"| {REFERENCE_MODEL} vs | pairs | non-zero | median Δ Dice (pp) | W | p (two-sided) | note |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for t in tests:
+            stat = "–" if math.isnan(t["statistic"]) else f"{t['statistic']:.1f}"
+            lines.append(f"| {t['baseline']} | {t['n']} | {t['n_nonzero']} | {100 * t['median_diff']:+.2f} | "
+                         f"{stat} | {_fmt_p(t['p_value'])} | {t['note'] or ''} |")
+        lines += ["", ("Pairs are (seed, case, slice); Δ = mfcnet − baseline. scipy.stats.wilcoxon, two-sided, "
+                  "zero differences dropped (zero_method='wilcox'); no multiple-comparison correction.")]
+    budget = f"{protocol['max_epochs']} epochs max"
+    if protocol["max_minutes_per_run"]:
+        budget += f", {protocol['max_minutes_per_run']:g} min wall-clock max per run"
+    lines += [
+        "",
+        "## Protocol",
+        "",
+        f"- data: `{data}` ({split} split; manifest window {manifest['options'].get('window')}, size "
+        f"{manifest['options'].get('size')} px, slices {manifest['options'].get('slices')!r}, context_slices "
+        f"{manifest['options'].get('context_slices')})" + ("; **demo_z_split: smoke comparison on one patient's "
+                                                            "z-blocks, not a patient-level split**" if demo else ""),
+        (f"- every run: width {protocol['width']}, budget {budget}, batch size {train['batch_size']}, "
+        f"loss {train['loss']}, AdamW lr {train['lr']:g} (wd {train['weight_decay']:g}, {train['schedule']}), "
+        f"augmentation {'on' if train['augment'] else 'off'}, precision {train['precision']}, "
+        f"seeds 0..{seeds - 1}; evaluated with its best.ckpt (best val Dice; last.ckpt if no validation ran), "
+        "fp32, threshold 0.5"),
+        (f"- CPU ms/slice: fp32 inference at {manifest['options'].get('size')} px, batch 8, median of timed passes "
+        f"after 2 warm-up passes, {torch.get_num_threads()} torch threads, this machine (shared machines make it "
+        "noisy)"),
+        "- Epochs: epochs completed per seed (a time budget stops runs at different epochs)",
+        ("- Significance: the paper (Pang et al., PAKDD 2020) reports no significance tests; we add the paired "
+        "Wilcoxon signed-rank tests above."),
+        f"- this call: trained or resumed {len(trained)} of {len(runs)} runs, {wall / 60:.1f} min wall",
+    ]
+    return "\n".join(lines) + "\n"
