@@ -59,21 +59,568 @@ def main(
 
 
 # --- io / data commands (prepare, sample) ---------------------------------------------------
+def _parse_floats(text: str | None, option: str, n: int) -> list[float] | None:
+    """``"a,b,c"`` -> ``[a, b, c]`` (exactly ``n`` numbers) or a one-line HepasegError naming ``option``."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != n:
+        raise HepasegError(f"{option}: expected {n} comma-separated numbers, got {text!r}.")
+    return values
+
+
+@app.command("prepare")
+@user_errors
+def prepare_command(
+    sources: Annotated[
+        list[Path], typer.Argument(help="CT files or folders: LiTS, MSD Task03, 3D-IRCADb, NIfTI, DICOM, MRC.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (new, empty or a previous output).")],
+    window: Annotated[str, typer.Option(help="HU window LO,HI clipped and scaled to [0, 1].")] = "-200,250",
+    size: Annotated[int, typer.Option(help="Slice size in pixels after resizing.")] = 224,
+    slices: Annotated[str, typer.Option(help="Slices kept: tumor (paper) | liver | all.")] = "tumor",
+    context_slices: Annotated[int, typer.Option(help="Neighbour slices each side stored as channels.")] = 0,
+    split: Annotated[str, typer.Option(help="Patient-level TRAIN,VAL,TEST fractions.")] = "0.7,0.1,0.2",
+    split_file: Annotated[
+        Optional[Path], typer.Option(help='JSON with lists of case ids under "train", "val", "test" (overrides --split).')
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the patient shuffle.")] = 0,
+    z_split: Annotated[
+        Optional[str],
+        typer.Option(help="DEMO ONLY, one volume: TRAIN,VAL,TEST fractions of contiguous z blocks (not by patient)."),
+    ] = None,
+    z_gap: Annotated[Optional[int], typer.Option(help="Unused slices between z blocks (default 2K+2).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a previous prepare output at --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Window, resize and select axial slices of CT volumes into a slice dataset with a patient-level split."""
+    from hepaseg.data.prepare import prepare  # imports torch: keep `hepaseg --help` fast
+
+    lo_hi = _parse_floats(window, "--window", 2)
+    z = _parse_floats(z_split, "--z-split", 3)
+    prepare(
+        sources,
+        out,
+        window=(lo_hi[0], lo_hi[1]),
+        size=size,
+        slices=slices,
+        context_slices=context_slices,
+        split=_parse_floats(split, "--split", 3),
+        seed=seed,
+        split_file=split_file,
+        z_split=None if z is None else {"fractions": z, "gap": z_gap},
+        overwrite=overwrite,
+        progress=progress,
+        console=console,
+    )  # prints the per-case table
+
+
+@app.command("sample")
+@user_errors
+def sample_command(
+    name: Annotated[str, typer.Argument(help="Sample to fetch: lits117 (LiTS case 117, 128^3 crop, MIT).")],
+    dest: Annotated[Optional[Path], typer.Option(help="Output folder (default ./NAME).")] = None,
+    from_dir: Annotated[
+        Optional[Path], typer.Option(help="Offline copy holding img_117.mrc and lab_117.mrc (no download).")
+    ] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="pip download cache (default ~/.cache/hepaseg).")] = None,
+) -> None:
+    """Fetch a small real CT case with labels (checksummed) and store it as NIfTI in the LiTS layout."""
+    from rich.table import Table
+
+    from hepaseg.data.sample import SAMPLES, fetch_lits117
+
+    if name not in SAMPLES:
+        raise HepasegError(f"sample name: expected one of {', '.join(SAMPLES)}, got {name!r}.")
+    folder = fetch_lits117(dest if dest is not None else Path(name), from_dir=from_dir, cache_dir=cache_dir)
+    table = Table(title=f"sample {name} -> {folder}")
+    table.add_column("file")
+    table.add_column("bytes", justify="right")
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            table.add_row(f.name, f"{f.stat().st_size:,}")
+    console.print(table)
+
+
 # [cli:data]
 
 # --- models commands (models) ---------------------------------------------------------------
+@app.command("models")
+@user_errors
+def models_command(
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list, not a table.")] = False,
+    width: Annotated[int, typer.Option("--width", help="base_width to build every network with.")] = 64,
+) -> None:
+    """List the registered networks with their trainable parameter counts."""
+    import json
+
+    from rich.table import Table
+
+    from hepaseg.models.summary import model_summaries  # imports torch: keep `hepaseg --help` fast
+
+    rows = model_summaries(width=width)
+    if json_output:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"hepaseg networks (base_width={width}, 1 input channel, 1 class)")
+    table.add_column("name", style="bold")
+    table.add_column("params (M)", justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("paper")
+    table.add_column("defining module")
+    for row in rows:
+        params = row["params"]
+        table.add_row(row["name"], f"{params / 1e6:.2f}", f"{params:,}", row["paper"], row["module"])
+    console.print(table)
+
+
 # [cli:models]
 
 # --- training commands (train) --------------------------------------------------------------
+@app.command("train")
+@user_errors
+def train_command(
+    data: Annotated[Path, typer.Option("--data", help="Prepared dataset directory (hepaseg prepare output).")],
+    model: Annotated[str, typer.Option("--model", help="Network name (see `hepaseg models`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: config.json, best/last.ckpt, logs/.")],
+    width: Annotated[int, typer.Option(help="Base width (channels of the first level).")] = 64,
+    model_option: Annotated[
+        Optional[list[str]], typer.Option("--model-option", help="Architecture option KEY=VALUE (JSON value).")
+    ] = None,
+    loss: Annotated[str, typer.Option(help="dice_bce | focal | tversky.")] = "dice_bce",
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
+    schedule: Annotated[str, typer.Option(help="cosine | poly, per step after a linear warm-up.")] = "cosine",
+    batch_size: Annotated[int, typer.Option(help="Slices per step and device.")] = 8,
+    max_epochs: Annotated[int, typer.Option(help="Epochs to train (in total, when resuming).")] = 50,
+    max_minutes: Annotated[
+        Optional[float], typer.Option(help="Time budget; stops cleanly and saves last.ckpt.")
+    ] = None,
+    precision: Annotated[
+        Optional[str], typer.Option(help="32 | 16-mixed | bf16-mixed (default: by hardware).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of everything (runs on CPU repeat exactly).")] = 0,
+    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    augment: Annotated[bool, typer.Option(help="Training augmentation.")] = True,
+    early_stopping_patience: Annotated[
+        Optional[int], typer.Option(help="Stop after this many epochs without a val_dice gain.")
+    ] = None,
+    channels_last: Annotated[
+        Optional[bool], typer.Option(help="NHWC memory format (default: on for CPU bf16).")
+    ] = None,
+    accelerator: Annotated[str, typer.Option(help="auto | cpu | gpu | mps.")] = "auto",
+    devices: Annotated[str, typer.Option(help="Devices per node (a number or auto).")] = "auto",
+    num_nodes: Annotated[int, typer.Option(help="Nodes (torchrun / SLURM).")] = 1,
+    strategy: Annotated[str, typer.Option(help="auto | ddp | ddp_spawn | ...")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.ckpt.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing run in OUT first.")] = False,
+    progress: Annotated[bool, typer.Option(help="Rich progress bar (on a terminal).")] = True,
+) -> None:
+    """Train a network on prepared slices; writes best.ckpt (by val_dice) and last.ckpt in OUT."""
+    from rich.table import Table
+
+    from hepaseg.training import TrainConfig, parse_key_values, train  # imports torch: keep --help fast
+
+    result = train(
+        TrainConfig(
+            data=str(data), model=model, out=str(out), width=width,
+            model_options=parse_key_values(model_option or []), loss=loss, lr=lr, weight_decay=weight_decay,
+            schedule=schedule, batch_size=batch_size, max_epochs=max_epochs, max_minutes=max_minutes,
+            precision=precision, seed=seed, num_workers=num_workers, augment=augment,
+            early_stopping_patience=early_stopping_patience, channels_last=channels_last,
+            accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+            resume=resume, overwrite=overwrite, progress_bar=progress,
+        )
+    )
+    table = Table(title=f"train {model} -> {result.run_dir}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    dice = "-" if result.best_val_dice is None else f"{result.best_val_dice:.4f}"
+    per_epoch = "-" if result.seconds_per_epoch is None else f"{result.seconds_per_epoch:.1f}"
+    for key, value in (
+        ("best val_dice", dice), ("epochs", str(result.epochs)), ("steps", str(result.steps)),
+        ("s / epoch", per_epoch), ("wall s", f"{result.wall_seconds:.1f}"),
+        ("best.ckpt", str(result.best_checkpoint or "-")), ("last.ckpt", str(result.last_checkpoint or "-")),
+    ):
+        table.add_row(key, value)
+    if result.stopped_by_time:
+        table.add_row("stopped", f"--max-minutes {max_minutes}")
+    console.print(table)
+
+
 # [cli:training]
 
 # --- evaluation commands (evaluate, compare) ------------------------------------------------
+@app.command("evaluate")
+@user_errors
+def evaluate_command(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint from `hepaseg train` (best.ckpt).")],
+    data: Annotated[
+        Optional[Path], typer.Option("--data", help="Prepared dataset (same window/size/context as the checkpoint).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split to score: test | val | train.")] = "test",
+    json_output: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout, not a table.")] = False,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Output folder (default CHECKPOINT_DIR/eval-SPLIT).")
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Slices per forward pass.")] = 8,
+    threshold: Annotated[float, typer.Option(help="Tumour where sigmoid > threshold.")] = 0.5,
+    volumes: Annotated[
+        Optional[list[Path]],
+        typer.Option("--volumes", help="Labelled CT case/folder for whole-volume metrics in mm (repeatable)."),
+    ] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu | cuda (default: CUDA when available).")] = None,
+) -> None:
+    """Score a checkpoint on a prepared split (the paper's Table 1 metrics); --volumes adds 3D metrics in mm."""
+    import json
+
+    from rich.table import Table
+
+    from hepaseg.evaluation import evaluate_checkpoint  # imports torch: keep `hepaseg --help` fast
+
+    if data is None and not volumes:
+        raise HepasegError("--data: missing: expected a prepared dataset (--data DIR) and/or --volumes SOURCE")
+    payload: dict = {}
+    result = vol = None
+    if data is not None:
+        result = evaluate_checkpoint(checkpoint, data, split=split, batch=batch, threshold=threshold, out=out,
+                                     device=device)
+        payload = result.to_json()
+    if volumes:
+        from hepaseg.inference.evaluate_volumes import evaluate_volumes
+
+        vol_out = out if out is not None else (result.out_dir if result is not None else None)
+        vol = evaluate_volumes(checkpoint, volumes, batch=batch, threshold=threshold, device=device, out=vol_out,
+                               progress=not json_output)
+        payload["volumes"] = vol.to_json()
+    if json_output:
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    if result is not None:
+        s = result.summary
+        table = Table(title=f"{result.model_name} on {result.split} ({s['n_slices']} slices, "
+                            f"{len(result.per_case)} cases)")
+        table.add_column("metric")
+        table.add_column("mean", justify="right")
+        table.add_column("sd", justify="right")
+        for key in ("dice", "jaccard", "precision", "recall", "specificity"):
+            table.add_row(f"{key} (%)", f"{100 * s[key]:.2f}", f"{100 * s[key + '_sd']:.2f}")
+        for key in ("hausdorff", "hd95"):
+            table.add_row(f"{key} (px)", f"{s[key]:.2f}", f"{s[key + '_sd']:.2f}")
+        table.add_row("f1 (%) = 2PR/(P+R) of means", f"{100 * s['f1']:.2f}", "")
+        table.add_row("f1_mean_per_slice (%)", f"{100 * s['f1_mean_per_slice']:.2f}", "")
+        table.add_row("ms / slice (forward)", f"{result.timings['ms_per_slice']:.2f}", "")
+        console.print(table)
+        if result.skipped_cases:
+            console.print(f"skipped unlabelled cases: {', '.join(result.skipped_cases)}", highlight=False)
+        if result.demo_z_split:
+            console.print("[yellow]demo z-split:[/] contiguous z blocks of one patient; scores are optimistic.")
+        for key, path in result.paths.items():
+            console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
+    if vol is not None:
+        table = Table(title=f"{vol.model_name}: whole volumes (distances in mm)")
+        for col in ("case", "dice", "jaccard", "rvd", "assd", "hd95", "hausdorff"):
+            table.add_column(col, justify="right")
+        for row in vol.rows:
+            table.add_row(row["case"], *(f"{row[k]:.3f}" for k in ("dice", "jaccard", "rvd", "assd", "hd95",
+                                                                       "hausdorff")))
+        console.print(table)
+        v = vol.summary
+        console.print(f"dice per case {v['dice_per_case']:.4f}, dice global {v['dice_global']:.4f} "
+                      f"({v['n_cases']} cases)", highlight=False)
+        for key, path in vol.paths.items():
+            console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
+
+
+@app.command("compare")
+@user_errors
+def compare_command(
+    data: Annotated[Path, typer.Option("--data", help="Prepared dataset with train, val and test cases.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Comparison folder (rerun the same command to resume).")],
+    models: Annotated[str, typer.Option(help="all | comma-separated names (see `hepaseg models`).")] = "all",
+    seeds: Annotated[int, typer.Option(help="Seeds per model (0..N-1).")] = 3,
+    width: Annotated[int, typer.Option(help="Base width of every network.")] = 64,
+    max_minutes_per_run: Annotated[
+        Optional[float], typer.Option(help="Wall-clock training budget of each run.")
+    ] = None,
+    max_epochs: Annotated[int, typer.Option(help="Epoch budget of each run.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Slices per step (every run).")] = 8,
+    precision: Annotated[
+        Optional[str], typer.Option(help="32 | 16-mixed | bf16-mixed (default: by hardware, same for all).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
+    size_check: Annotated[
+        bool, typer.Option("--size-check", help="Dry run: build, run and time each model at the data's size; no training.")
+    ] = False,
+) -> None:
+    """Train and evaluate several networks under one protocol: Table 1, Wilcoxon tests, Dice box plot."""
+    from rich.table import Table
+
+    from hepaseg.evaluation import check_sizes, compare  # imports torch: keep `hepaseg --help` fast
+
+    if size_check:
+        rows = check_sizes(data, models=models, width=width, batch=batch_size)
+        table = Table(title=f"size check: width {width}, {rows[0]['size']} px, {rows[0]['in_channels']} channel(s)")
+        for col in ("model", "params (M)", "CPU ms/slice"):
+            table.add_column(col, justify="right" if col != "model" else "left")
+        for row in rows:
+            table.add_row(row["model"], f"{row['params'] / 1e6:.3f}", f"{row['cpu_ms_per_slice']:.2f}")
+        console.print(table)
+        return
+    result = compare(
+        data, out, models=models, seeds=seeds, width=width, max_minutes_per_run=max_minutes_per_run,
+        max_epochs=max_epochs, train_overrides={"batch_size": batch_size, "precision": precision}, split=split,
+        log=lambda line: console.print(line, highlight=False),
+    )
+    table = Table(title=f"compare: {len(result.models)} models x {len(result.seeds)} seeds (means over seeds)")
+    for col in ("model", "dice (%)", "f1 (%)", "hausdorff (px)", "params (M)", "CPU ms/slice", "p vs mfcnet"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    p_values = {t["baseline"]: t["p_value"] for t in result.wilcoxon}
+    for name in result.models:
+        rows = [r for r in result.runs if r["model"] == name]
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("dice", "f1", "hausdorff")}
+        p = p_values.get(name)
+        table.add_row(name, f"{100 * mean['dice']:.2f}", f"{100 * mean['f1']:.2f}", f"{mean['hausdorff']:.2f}",
+                      f"{result.params[name] / 1e6:.3f}", f"{result.cpu_ms_per_slice[name]:.2f}",
+                      "-" if p is None else f"{p:.3g}")
+    console.print(table)
+    console.print(f"trained {len(result.trained)} run(s) in {result.wall_seconds / 60:.1f} min; written to "
+                  f"{result.out}:", highlight=False)
+    for key, path in result.paths.items():
+        console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
+
+
 # [cli:evaluation]
 
 # --- inference commands (predict, explain, export, benchmark) -------------------------------
+@app.command("predict")
+@user_errors
+def predict_command(
+    input_path: Annotated[Path, typer.Argument(help="CT case: NIfTI, LiTS, MSD, DICOM folder, 3D-IRCADb, MRC.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new or empty unless --overwrite).")],
+    checkpoint: Annotated[
+        Optional[Path], typer.Option("--checkpoint", help="Checkpoint from `hepaseg train` (torch engine).")
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Slices per forward pass.")] = 8,
+    tta: Annotated[bool, typer.Option("--tta", help="Average identity + horizontal + vertical flips.")] = False,
+    threshold: Annotated[float, typer.Option(help="Tumour probability threshold.")] = 0.5,
+    labels: Annotated[
+        str, typer.Option(help="tumor: mask 0/1 | lits: 0/1/2 with the input's own liver label.")
+    ] = "tumor",
+    engine: Annotated[str, typer.Option(help="torch (with --checkpoint) | onnx (with --model).")] = "torch",
+    model: Annotated[Optional[Path], typer.Option("--model", help="ONNX file from `hepaseg export`.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an --out folder that holds files.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Predict liver tumours in one CT case: mask NIfTI, lesion table, overlay PNG (+ metrics if labelled)."""
+    from rich.table import Table
+
+    from hepaseg.inference import predict_case  # imports torch: keep `hepaseg --help` fast
+
+    if engine not in ("torch", "onnx"):
+        raise HepasegError(f"--engine: expected torch or onnx, got {engine!r}")
+    if engine == "onnx" and model is None:
+        raise HepasegError("--model: --engine onnx needs the ONNX file from `hepaseg export`, got none")
+    if engine == "torch" and checkpoint is None:
+        raise HepasegError("--checkpoint: --engine torch needs a checkpoint from `hepaseg train`, got none")
+    result = predict_case(
+        input_path,
+        out,
+        checkpoint=checkpoint,
+        onnx_model=model if engine == "onnx" else None,
+        batch=batch,
+        tta=tta,
+        threshold=threshold,
+        labels=labels,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    table = Table(title=f"{result.case_id}: {len(result.lesions)} lesion(s) ({result.model_name}, {result.engine})")
+    for col in ("id", "volume (mL)", "max axial diameter (mm)", "centroid z,y,x (mm)", "slices"):
+        table.add_column(col, justify="right")
+    for row in result.lesions:
+        z, y, x = row["centroid_mm"]
+        table.add_row(
+            str(row["id"]), f"{row['volume_ml']:.2f}", f"{row['max_axial_diameter_mm']:.1f}",
+            f"{z:.1f}, {y:.1f}, {x:.1f}", f"{row['first_slice']}-{row['last_slice']}",
+        )
+    console.print(table)
+    if result.metrics is not None:
+        m = result.metrics
+        console.print(
+            f"vs label: dice {m['dice']:.3f}  jaccard {m['jaccard']:.3f}  assd {m['assd']:.2f} mm  "
+            f"hd95 {m['hd95']:.2f} mm"
+        )
+    if result.settings.get("label_note"):
+        console.print(f"[yellow]note:[/] {result.settings['label_note']}", highlight=False)
+    console.print(f"written to {result.out_dir}:")
+    for key, path in result.paths.items():
+        # One path per line, never wrapped, so it can be copied.
+        console.print(f"  {key:<12} {path}", highlight=False, soft_wrap=True)
+    t = result.timings
+    console.print(f"read {t['read']:.1f} s, inference {t['inference']:.1f} s, write {t['write']:.1f} s")
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint from `hepaseg train`.")],
+    onnx: Annotated[Path, typer.Option("--onnx", help="ONNX file to write (dynamic batch axis).")],
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+) -> None:
+    """Export a checkpoint to ONNX (verified with onnx.checker and onnxruntime), with its preprocessing."""
+    from hepaseg.inference import export_checkpoint, read_onnx_metadata
+
+    path = export_checkpoint(checkpoint, onnx, opset=opset)
+    meta = read_onnx_metadata(path)
+    console.print(
+        f"wrote {path} (model {meta.get('model_name')}, {meta.get('in_channels')} x {meta.get('size')} x "
+        f"{meta.get('size')} input, opset {opset}); predict with "
+        f"`hepaseg predict CT --engine onnx --model {path} --out OUT`",
+        highlight=False,
+    )
+
+
+def _parse_query(text: str) -> tuple[int, int]:
+    """``"Y,X"`` -> ``(Y, X)`` non-negative integers, or a one-line HepasegError naming --query."""
+    parts = text.replace(" ", "").split(",")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise HepasegError(f"--query: expected Y,X (row, column in original slice pixels), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+@app.command("explain")
+@user_errors
+def explain_command(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint from `hepaseg train`.")],
+    input_path: Annotated[Path, typer.Option("--input", help="CT case (any format `hepaseg predict` reads).")],
+    slice_index: Annotated[int, typer.Option("--slice", help="Axial slice index z (0-based).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")],
+    query: Annotated[
+        Optional[list[str]],
+        typer.Option("--query", help="Query pixel Y,X in original slice pixels (repeatable); "
+                                     "default: one tumour and one background pixel."),
+    ] = None,
+) -> None:
+    """Draw the paper's Fig. 1 for one slice: input, truth, prediction, context features and attention."""
+    from rich.table import Table
+
+    from hepaseg.viz import explain_slice  # imports torch + matplotlib: keep `hepaseg --help` fast
+
+    queries = None if not query else [_parse_query(q) for q in query]
+    result = explain_slice(checkpoint, input_path, slice_index, out, queries=queries)
+    table = Table(title=f"{result.model_name}: {result.case_id}, slice {result.slice_index}")
+    for col in ("query", "original y,x", "input y,x", "chosen by"):
+        table.add_column(col)
+    for name, (y, x), (iy, ix), rule in zip(
+        result.query_names, result.queries, result.input_queries, result.query_rules
+    ):
+        table.add_row(name, f"{y}, {x}", f"{iy}, {ix}", rule)
+    console.print(table)
+    if result.blocks:
+        blocks = Table(title="context aggregation blocks")
+        for col in ("stage", "h x w x C", "alpha", "beta", "attention sums"):
+            blocks.add_column(col, justify="right")
+        for block in result.blocks:
+            sums = result.arrays[f"stage{block['stage']}_attention"].sum(axis=(1, 2))
+            blocks.add_row(
+                str(block["stage"]), " x ".join(map(str, block["shape"])), f"{block['alpha']:.4g}",
+                f"{block['beta']:.4g}", ", ".join(f"{s:.4f}" for s in sums),
+            )
+        console.print(blocks)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(f"wrote {result.path}", highlight=False, soft_wrap=True)
+
+
+@app.command("benchmark")
+@user_errors
+def benchmark_command(
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    models: Annotated[str, typer.Option("--models", help="Comma-separated model names, or all.")] = "all",
+    width: Annotated[int, typer.Option(help="base_width of every network.")] = 64,
+    size: Annotated[int, typer.Option(help="Slice size in pixels.")] = 224,
+    batch: Annotated[int, typer.Option(help="Slices per forward pass.")] = 8,
+    repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median reported).")] = 5,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="At most 2 repeats and a 16 x 512 x 512 phantom for prepare/predict.")
+    ] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the JSON result here.")] = None,
+) -> None:
+    """Measure parameters, FLOPs, speed and memory of the networks, attention, prepare and predict here."""
+    import json
+
+    from hepaseg.inference.benchmark import benchmark_tables, run_benchmark
+    from hepaseg.io.atomic import write_json_atomic
+
+    names = None if models.strip().lower() == "all" else [m for m in models.replace(" ", "").split(",") if m]
+    result = run_benchmark(
+        names, width=width, size=size, batch=batch, repeats=repeats, quick=quick,
+        log=lambda line: err_console.print(f"[dim]benchmark:[/] {line}", highlight=False),
+    )
+    if out is not None:
+        write_json_atomic(out, result)
+    if json_output:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        for table in benchmark_tables(result):
+            console.print(table)
+    if out is not None:
+        err_console.print(f"wrote {out}", highlight=False, soft_wrap=True)
+
+
 # [cli:inference]
 
 # --- demo -----------------------------------------------------------------------------------
+@app.command("demo")
+@user_errors
+def demo_command(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Demo folder (new, empty, or an earlier demo's, which is replaced).")
+    ] = Path("demo_out"),
+    minutes: Annotated[float, typer.Option(help="Time budget: 40 % for each network's training.")] = 5.0,
+    sample_dir: Annotated[
+        Optional[Path], typer.Option(help="Existing copy of img_117.mrc + lab_117.mrc (skips the download).")
+    ] = None,
+    size: Annotated[int, typer.Option(help="Slice size in pixels.")] = 128,
+    width: Annotated[int, typer.Option(help="Base width of both networks.")] = 8,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """The whole product on LiTS-117: prepare (DEMO z-split), train MFCNet and U-Net, evaluate, predict,
+    explain, and write a self-contained OUT/report.html."""
+    from rich.table import Table
+
+    from hepaseg.demo import run_demo  # imports torch: keep `hepaseg --help` fast
+    from hepaseg.evaluation import TABLE1_COLUMNS
+
+    result = run_demo(out, minutes=minutes, sample_dir=sample_dir, size=size, width=width, progress=progress,
+                      console=console)
+    from rich import box
+
+    table = Table(title="Table 1, test z-block (DEMO single-patient split)", box=box.SIMPLE_HEAD)
+    table.add_column("Method", style="bold", no_wrap=True)
+    short = {"dice": "Dice %", "hausdorff": "HD px", "jaccard": "Jacc %", "precision": "Prec %",
+             "recall": "Rec %", "specificity": "Spec %", "f1": "F1 %"}  # so the table fits 80 columns
+    for _, key, _ in TABLE1_COLUMNS:
+        table.add_column(short.get(key, key), justify="right", no_wrap=True)
+    table.add_column("ms/sl", justify="right", no_wrap=True)
+    for model, summary in result.table1.items():
+        table.add_row(
+            model, *(f"{float(summary[key]) * scale:.1f}" for _, key, scale in TABLE1_COLUMNS),
+            f"{result.ms_per_slice[model]:.0f}",
+        )
+    console.print(table)
+    if result.volume_metrics is not None:
+        m = result.volume_metrics
+        console.print(f"held-out block predicted by {result.chosen_model}: dice {m['dice']:.3f}, "
+                      f"hd95 {m['hd95']:.1f} mm, {len(result.lesions)} lesion(s)", highlight=False)
+    console.print("Params, 2-decimal values, figures and the commands of each step are in the report.")
+    console.print(f"demo took {result.timings['total']:.0f} s; report: [bold]{result.report}[/]", soft_wrap=True)
+
+
 # [cli:demo]
 
 

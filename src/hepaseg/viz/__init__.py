@@ -1,0 +1,22 @@
+"""Figures and reports: the explanation figure (``hepaseg explain``: the paper's Fig. 1), training
+curves, and the self-contained HTML report of ``hepaseg demo``."""
+
+from hepaseg.viz.curves import TrainingLog, plot_slice_dice, plot_training_curves, read_training_log
+from hepaseg.viz.explain import ExplainResult, default_queries, explain_slice, map_to_input_grid
+from hepaseg.viz.report import ReportContent, ReportFigure, png_data_uri, render_report, write_report
+
+__all__ = [
+    "ExplainResult",
+    "ReportContent",
+    "ReportFigure",
+    "TrainingLog",
+    "default_queries",
+    "explain_slice",
+    "map_to_input_grid",
+    "plot_slice_dice",
+    "plot_training_curves",
+    "png_data_uri",
+    "read_training_log",
+    "render_report",
+    "write_report",
+]

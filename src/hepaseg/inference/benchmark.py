@@ -1,0 +1,617 @@
+"""``hepaseg benchmark``: what the networks and the pipeline cost on this machine.
+
+:func:`run_benchmark` measures, in one process, on CUDA when available (else CPU):
+
+* per network (built with ``base_width``, one input channel, one class):
+  trainable parameters; FLOPs of one ``size x size`` slice (batch 1,
+  :class:`torch.utils.flop_counter.FlopCounterMode`, reported in GFLOPs; see
+  "FLOPs" below); inference slices/s at batch ``batch`` in fp32 (NCHW) and in
+  bf16 autocast with channels_last weights and inputs; the peak memory of one
+  fp32 forward pass at that batch (see "Memory" below);
+* the spatial context extractor of MFCNet
+  (:class:`~hepaseg.models.context.SpatialContext`) with the fused
+  ``scaled_dot_product_attention`` (``"sdpa"``) against the explicit ``N x N``
+  matrix (``"naive"``) at ``56 x 56 x 256``, batch 4, forward + backward: time and
+  peak memory;
+* ``hepaseg prepare`` throughput: a phantom CT written as NIfTI to a temp dir,
+  prepared at ``size`` with every slice kept (reading, windowing, resizing and the
+  compressed shard write included);
+* end-to-end ``hepaseg predict`` seconds (:func:`~hepaseg.inference.pipeline.predict_case`,
+  checkpoint load + read + inference + writing every output) of an UNTRAINED
+  width-32 MFCNet checkpoint in the real checkpoint format (its 1 x 1 head set to a
+  constant "no tumour" logit: see :func:`_bench_predict`), on 3D-IRCADb 1.1
+  (``129 x 512 x 512``) when ``../shared/data/3Dircadb1.1`` is found (next to the
+  repository, next to the working directory, or under ``$HEPASEG_SHARED_DATA``),
+  else on a phantom of that size.
+
+Ratios are reported beside the absolute numbers and are exact quotients of them:
+MFCNet / U-Net (parameters, GFLOPs, fp32 time per slice, peak memory), naive /
+SDPA (time, memory) and the bf16 speed-up (fp32 time / bf16 time per slice).
+
+Timing: every timed call is run ``warmup`` times first (1 with ``quick``, else 2),
+then ``repeats`` times; the MEDIAN is reported. CUDA work is synchronised inside
+each timed call.
+
+FLOPs: ``FlopCounterMode`` counts matrix products and convolutions as 2 x MACs and
+ignores element-wise work (BatchNorm, ReLU, softmax, pooling). Its registry has no
+formula for the CPU flash-attention kernel, which ``scaled_dot_product_attention``
+dispatches to on CPU, so we add one (``2 b h n m (d + d_v)``, the formula torch uses
+for the CUDA kernels): the count is then what the default implementation of each
+model executes. (MFCNet's SDPA path shares one ``Q K^T`` across ``ceil(C / d)``
+heads and recomputes it per head, so it counts more FLOPs than the naive path.)
+
+Memory (:data:`MEMORY_METHOD`): on CUDA, ``torch.cuda.max_memory_allocated`` during
+the call minus what was allocated before it. On CPU, ``torch.profiler`` with
+``profile_memory=True``: every allocation and free of torch's CPU allocator during
+the call, ordered by time (at operator granularity), summed; the maximum of that
+running sum. Both count the EXTRA tensor memory the call needed (activations,
+outputs, workspaces), not the weights already in memory, nor memory oneDNN or
+Python allocate outside torch's allocator.
+
+Machine information recorded: CPU model, logical cores and those usable by this
+process, torch threads, torch/python versions, device (and GPU name), native bf16
+support, load average (a shared machine skews every timing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hepaseg import __version__
+from hepaseg.errors import HepasegError
+from hepaseg.io.atomic import atomic_path
+
+__all__ = [
+    "IRCADB_SHAPE",
+    "MEMORY_METHOD",
+    "benchmark_tables",
+    "count_flops",
+    "find_ircadb",
+    "machine_info",
+    "median_seconds",
+    "peak_memory_bytes",
+    "run_benchmark",
+    "write_untrained_checkpoint",
+]
+
+MEMORY_METHOD = {
+    "cuda": "torch.cuda.max_memory_allocated during the call minus memory allocated before it",
+    "cpu": (
+        "torch.profiler(profile_memory=True): max of the running sum of torch CPU allocator "
+        "allocations - frees during the call (operator granularity); excludes weights"
+    ),
+}
+#: 3D-IRCADb 1.1: 129 axial slices of 512 x 512 pixels (0.57 x 0.57 x 1.6 mm).
+IRCADB_SHAPE = (129, 512, 512)
+IRCADB_SPACING = (1.6, 0.57, 0.57)
+QUICK_VOLUME_SHAPE = (16, 512, 512)
+#: Benchmark data options: the paper's 224 x 224 slices with one neighbour slice on each side.
+BENCH_WINDOW = (-200.0, 250.0)
+BENCH_CONTEXT_SLICES = 1
+
+_MB = 2.0**20
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], Any], *, repeats: int, warmup: int, device: torch.device) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ start/stop lines), restoring it afterwards."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Extra peak tensor memory (bytes, >= 0) of one call ``fn()``; see :data:`MEMORY_METHOD`."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return max(0, int(torch.cuda.max_memory_allocated(device) - base))
+    from torch.profiler import ProfilerActivity, profile
+
+    # The profiler prints C++ lines on fd 2 (start/stop, "memory block allocated before profiling");
+    # silence them. ``fn`` already ran untimed and unsilenced before, and exceptions still propagate.
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Each event's self memory is what it allocated minus what it freed (children excluded);
+    # "[memory]" events are allocations/frees outside any operator.
+    events = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage
+    )
+    running = itertools.accumulate(delta for _, delta in events)
+    return max(0, int(max(running, default=0)))
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``softmax(Q K^T) V``: ``2 b h n m d`` for ``Q K^T`` plus ``2 b h n m d_v`` for the product."""
+    b, h, n, d = query_shape
+    m, d_v = key_shape[-2], value_shape[-1]
+    return 2 * b * h * n * m * d + 2 * b * h * n * m * d_v
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs (2 x MACs of convolutions and matrix products) of ``model(x)`` in inference mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_flash is not None:
+        mapping[cpu_flash] = _sdpa_cpu_flops
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    with torch.inference_mode(), counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+# --- machine ------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _cpu_native_bf16() -> bool:
+    # Private probes; any failure means "not known to be native".
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported()) or bool(torch.cpu._is_amx_tile_supported())
+    except Exception:  # noqa: BLE001  # pragma: no cover - depends on the torch build
+        return False
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """CPU model, cores, torch threads and version, device, bf16 support, load average."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        usable = os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": usable,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hepaseg": __version__,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu_native_bf16": _cpu_native_bf16(),
+    }
+    try:
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover
+        info["load_average_1m"] = None
+    return info
+
+
+# --- checkpoints and data -------------------------------------------------------------------------
+
+
+def write_untrained_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: str = "mfcnet",
+    width: int = 32,
+    data_options: dict[str, Any] | None = None,
+    seed: int = 0,
+    head_bias: float | None = None,
+) -> Path:
+    """Write an untrained network as a hepaseg checkpoint (the format of ``training/checkpoint.py``).
+
+    ``state_dict`` keys are ``net.<param>`` and ``checkpoint["hepaseg"]`` holds the model name,
+    options, channels, width and data options, so :func:`hepaseg.training.load_checkpoint`
+    rebuilds it. Default data options: window ``(-200, 250)`` HU, ``size`` 224, one context
+    slice on each side. ``head_bias``: zero the ``1 x 1`` head's weights and set its bias, so the
+    logit is that constant everywhere (e.g. -4: no tumour) while every layer still computes.
+    Written atomically.
+    """
+    from hepaseg.models import build_model
+
+    opts = {"window": list(BENCH_WINDOW), "size": 224, "context_slices": BENCH_CONTEXT_SLICES, "slices": "all",
+            "target": "tumor"}
+    opts.update(data_options or {})
+    in_channels = 2 * int(opts["context_slices"]) + 1
+    torch.manual_seed(seed)
+    net = build_model(model, in_channels=in_channels, num_classes=1, base_width=width)
+    if head_bias is not None:
+        with torch.no_grad():
+            net.head.weight.zero_()
+            net.head.bias.fill_(float(head_bias))
+    checkpoint = {
+        "state_dict": {f"net.{key}": value for key, value in net.state_dict().items()},
+        "hepaseg": {
+            "version": __version__, "model": model, "model_options": {}, "in_channels": in_channels,
+            "num_classes": 1, "base_width": width, "data_options": opts,
+            "metrics": {"note": "untrained (hepaseg benchmark)"}, "config": {},
+        },
+    }
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+    return Path(path)
+
+
+def find_ircadb() -> Path | None:
+    """``3Dircadb1.1`` under ``$HEPASEG_SHARED_DATA``, ``<repo>/../shared/data`` or ``./../shared/data``."""
+    candidates = []
+    if os.environ.get("HEPASEG_SHARED_DATA"):
+        candidates.append(Path(os.environ["HEPASEG_SHARED_DATA"]))
+    repo_root = Path(__file__).resolve().parents[3]  # src/hepaseg/inference/benchmark.py -> repo
+    candidates += [repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    for root in candidates:
+        if (root / "3Dircadb1.1").is_dir():
+            return root / "3Dircadb1.1"
+    return None
+
+
+# --- the parts ----------------------------------------------------------------------------------
+
+
+def _bench_model(
+    name: str, *, width: int, size: int, batch: int, repeats: int, warmup: int, device: torch.device
+) -> dict[str, Any]:
+    from hepaseg.models import build_model, count_parameters
+
+    model = build_model(name, in_channels=1, num_classes=1, base_width=width).eval().to(device)
+    row: dict[str, Any] = {"name": name, "params": count_parameters(model)}
+    row["gflops"] = count_flops(model, torch.rand(1, 1, size, size, device=device)) / 1e9
+
+    x = torch.rand(batch, 1, size, size, device=device)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    seconds = median_seconds(forward, repeats=repeats, warmup=warmup, device=device)
+    row["fp32_ms_per_slice"] = 1e3 * seconds / batch
+    row["fp32_slices_per_s"] = batch / seconds
+    row["peak_memory_mb"] = peak_memory_bytes(forward, device) / _MB
+
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        row.update(bf16_ms_per_slice=None, bf16_slices_per_s=None, bf16_speedup=None,
+                   bf16_note=f"skipped: {torch.cuda.get_device_name(device)} has no bf16 support")
+        return row
+    model = model.to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def forward_bf16() -> None:
+        with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            model(x_cl)
+
+    try:
+        seconds = median_seconds(forward_bf16, repeats=repeats, warmup=warmup, device=device)
+    except RuntimeError as exc:  # autocast or a kernel unsupported on this device
+        row.update(bf16_ms_per_slice=None, bf16_slices_per_s=None, bf16_speedup=None,
+                   bf16_note=f"skipped: bf16 autocast failed ({str(exc).splitlines()[0][:120]})")
+        return row
+    row["bf16_ms_per_slice"] = 1e3 * seconds / batch
+    row["bf16_slices_per_s"] = batch / seconds
+    row["bf16_speedup"] = row["fp32_ms_per_slice"] / row["bf16_ms_per_slice"]
+    native = device.type == "cuda" or _cpu_native_bf16()
+    row["bf16_note"] = "native bf16" if native else "emulated bf16 (no AVX512-BF16/AMX): expect a slow-down"
+    return row
+
+
+def _bench_attention(
+    spatial: int, channels: int, batch: int, *, repeats: int, warmup: int, device: torch.device
+) -> dict[str, Any]:
+    from hepaseg.models.context import SpatialContext
+
+    n = spatial * spatial
+    result: dict[str, Any] = {
+        "input_shape": [batch, channels, spatial, spatial], "n": n, "pass": "forward + backward",
+        "naive_matrix_mb": batch * n * n * 4 / _MB,  # the float32 (B, N, N) attention matrix
+    }
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, spatial, spatial, device=device, requires_grad=True)
+    for impl in ("sdpa", "naive"):
+        torch.manual_seed(0)
+        block = SpatialContext(channels, attention_impl=impl).to(device)
+        with torch.no_grad():
+            block.alpha.fill_(0.5)  # a trained-looking weight: the context term is in the graph
+
+        def step(block: SpatialContext = block) -> None:
+            x.grad = None
+            block.zero_grad(set_to_none=True)
+            block(x).sum().backward()
+
+        seconds = median_seconds(step, repeats=repeats, warmup=warmup, device=device)
+        result[impl] = {"ms": 1e3 * seconds, "peak_memory_mb": peak_memory_bytes(step, device) / _MB}
+    result["naive_over_sdpa"] = {
+        "time": result["naive"]["ms"] / result["sdpa"]["ms"],
+        "memory": _ratio(result["naive"]["peak_memory_mb"], result["sdpa"]["peak_memory_mb"]),
+    }
+    return result
+
+
+def _bench_prepare(shape: tuple[int, int, int], size: int, work: Path) -> dict[str, Any]:
+    from rich.console import Console
+
+    from hepaseg.data.phantom import write_phantom_dataset
+    from hepaseg.data.prepare import prepare
+
+    src = work / "prepare_src"
+    write_phantom_dataset(src, "lits", n_cases=1, shape=shape, spacing=IRCADB_SPACING)
+    t0 = time.perf_counter()
+    manifest = prepare(
+        src, work / "prepared", window=BENCH_WINDOW, size=size, slices="all", context_slices=BENCH_CONTEXT_SLICES,
+        split=(1.0, 0.0, 0.0), progress=False, console=Console(file=io.StringIO()),
+    )
+    seconds = time.perf_counter() - t0
+    n = int(manifest["n_slices"])
+    return {"source": "phantom (NIfTI, LiTS layout)", "shape": list(shape), "size": size, "slices": n,
+            "seconds": seconds, "slices_per_s": n / seconds}
+
+
+def _bench_predict(
+    shape: tuple[int, int, int] | None, *, size: int, batch: int, width: int, device: torch.device, work: Path,
+) -> dict[str, Any]:
+    from hepaseg.data.phantom import write_phantom_dataset
+    from hepaseg.inference.pipeline import predict_case
+
+    ircadb = find_ircadb() if shape is None else None
+    if ircadb is not None:
+        source, kind = ircadb, "3D-IRCADb 1.1"
+    else:
+        shape = shape or IRCADB_SHAPE
+        source = write_phantom_dataset(work / "predict_src", "lits", n_cases=1, shape=shape,
+                                       spacing=IRCADB_SPACING)[0]
+        kind = "phantom"
+    # An untrained head turns noise into thousands of speckle "lesions" whose lesion table and
+    # surface metrics take minutes -- work a trained network never causes. A constant head logit
+    # of -4 (p = 0.018: no tumour) keeps every layer's cost and times the writing of a clean result.
+    ckpt = write_untrained_checkpoint(work / "mfcnet_untrained.ckpt", model="mfcnet", width=width,
+                                      data_options={"size": size}, head_bias=-4.0)
+    t0 = time.perf_counter()
+    result = predict_case(source, work / "predicted", checkpoint=ckpt, batch=batch, progress=False,
+                          device=str(device))
+    seconds = time.perf_counter() - t0
+    z = result.shape[0]
+    return {
+        "source": str(source), "kind": kind, "shape": list(result.shape),
+        "model": "mfcnet (untrained; head logit -4: predicts no tumour)", "lesions": len(result.lesions),
+        "width": width, "size": size, "batch": batch, "seconds": seconds,
+        "timings": {k: float(v) for k, v in result.timings.items()},
+        "inference_slices_per_s": z / result.timings["inference"],
+        "precision": "auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32",
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+
+def run_benchmark(
+    models: Sequence[str] | None = None,
+    *,
+    width: int = 64,
+    size: int = 224,
+    batch: int = 8,
+    repeats: int = 5,
+    quick: bool = False,
+    device: str | torch.device | None = None,
+    attention: tuple[int, int, int] = (56, 256, 4),
+    prepare_shape: tuple[int, int, int] | None = None,
+    predict_shape: tuple[int, int, int] | None = None,
+    predict_width: int = 32,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure the networks and the pipeline on this machine (see the module docstring).
+
+    Args:
+        models: registry names (default: every registered network).
+        width: ``base_width`` of the networks (default 64, the paper's U-Net).
+        size: slice size in pixels (default 224, the paper's).
+        batch: slices per forward pass for throughput and memory (default 8).
+        repeats: timed runs per measurement; the median is reported (default 5).
+        quick: fewer repeats (at most 2, one warm-up) and a ``16 x 512 x 512`` phantom for
+            prepare and predict instead of a 3D-IRCADb-sized volume.
+        device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
+        attention: ``(spatial, channels, batch)`` of the SDPA-vs-naive comparison
+            (default ``(56, 256, 4)``: ``N = 3136`` positions).
+        prepare_shape: ``(z, y, x)`` of the prepare phantom (default ``(64, 512, 512)``;
+            quick: ``(16, 512, 512)``).
+        predict_shape: ``(z, y, x)`` of a phantom to predict; default 3D-IRCADb 1.1 itself when
+            found, else a ``129 x 512 x 512`` phantom (quick: ``16 x 512 x 512``).
+        predict_width: ``base_width`` of the untrained MFCNet used for predict (default 32).
+        log: called with a short line before each part (progress for long runs).
+
+    Returns:
+        A JSON-ready dict: ``machine``, ``settings``, ``models`` (one row each),
+        ``ratios`` (``mfcnet_over_unet`` or None), ``attention``, ``prepare``, ``predict``.
+
+    Raises:
+        HepasegError: an unknown model name or a non-positive setting.
+    """
+    from hepaseg.models import list_models, model_info
+
+    for name, value in (("--width", width), ("--size", size), ("--batch", batch), ("--repeats", repeats),
+                        ("predict_width", predict_width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise HepasegError(f"{name}: expected a positive integer, got {value!r}")
+    names = list(list_models()) if models is None else [str(m) for m in models]
+    if not names:
+        raise HepasegError("--models: expected at least one model name (or all), got none")
+    for name in names:
+        model_info(name)  # unknown names raise listing the valid ones
+    say = log or (lambda _line: None)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    warmup = 1 if quick else 2
+    if quick:
+        repeats = min(repeats, 2)
+    prepare_shape = prepare_shape or (QUICK_VOLUME_SHAPE if quick else (64, 512, 512))
+    if predict_shape is None and quick:
+        predict_shape = QUICK_VOLUME_SHAPE
+
+    result: dict[str, Any] = {
+        "machine": machine_info(dev),
+        "settings": {
+            "models": names, "width": width, "size": size, "batch": batch, "repeats": repeats, "warmup": warmup,
+            "quick": quick, "timing": "median of repeats after warm-up",
+            "memory_method": MEMORY_METHOD["cuda" if dev.type == "cuda" else "cpu"],
+            "flops": "torch.utils.flop_counter.FlopCounterMode, batch 1, 2 x MACs of convs and matmuls",
+        },
+    }
+    rows = []
+    for name in names:
+        say(f"model {name} (width {width}, {size} x {size}, batch {batch})")
+        rows.append(_bench_model(name, width=width, size=size, batch=batch, repeats=repeats, warmup=warmup,
+                                 device=dev))
+    result["models"] = rows
+    by_name = {row["name"]: row for row in rows}
+    if "mfcnet" in by_name and "unet" in by_name:
+        m, u = by_name["mfcnet"], by_name["unet"]
+        result["ratios"] = {"mfcnet_over_unet": {
+            "params": m["params"] / u["params"],
+            "gflops": m["gflops"] / u["gflops"],
+            "fp32_time": m["fp32_ms_per_slice"] / u["fp32_ms_per_slice"],
+            "bf16_time": _ratio(m["bf16_ms_per_slice"], u["bf16_ms_per_slice"]),
+            "peak_memory": _ratio(m["peak_memory_mb"], u["peak_memory_mb"]),
+        }}
+    else:
+        result["ratios"] = {"mfcnet_over_unet": None, "note": "needs both mfcnet and unet in --models"}
+
+    spatial, channels, att_batch = attention
+    say(f"spatial context: sdpa vs naive at {spatial} x {spatial} x {channels}, batch {att_batch}")
+    result["attention"] = _bench_attention(spatial, channels, att_batch, repeats=repeats, warmup=warmup,
+                                           device=dev)
+    with tempfile.TemporaryDirectory(prefix="hepaseg-benchmark-") as tmp:
+        work = Path(tmp)
+        say(f"prepare: phantom {prepare_shape[0]} x {prepare_shape[1]} x {prepare_shape[2]} at {size}")
+        result["prepare"] = _bench_prepare(tuple(prepare_shape), size, work)
+        volume = "3D-IRCADb-sized volume" if predict_shape is None else f"phantom {predict_shape}"
+        say(f"predict: untrained width-{predict_width} mfcnet, {volume}")
+        result["predict"] = _bench_predict(
+            None if predict_shape is None else tuple(predict_shape), size=size, batch=batch, width=predict_width,
+            device=dev, work=work,
+        )
+    return result
+
+
+# --- tables ---------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def benchmark_tables(result: dict[str, Any]) -> list:
+    """Rich tables of a :func:`run_benchmark` result: machine, models, ratios, attention, pipeline."""
+    from rich.table import Table
+
+    machine = Table(title="machine", show_header=False)
+    for key, value in result["machine"].items():
+        machine.add_row(key, str(value))
+    s = result["settings"]
+    machine.add_row("settings", f"width {s['width']}, {s['size']} x {s['size']}, batch {s['batch']}, "
+                                f"median of {s['repeats']} after {s['warmup']} warm-up")
+    machine.add_row("memory", s["memory_method"])
+
+    models = Table(title=f"networks (width {s['width']}, {s['size']} x {s['size']}; time per slice at batch "
+                         f"{s['batch']})")
+    for col in ("model", "params (M)", "GFLOPs/slice", "fp32 ms", "fp32 slices/s", "bf16+CL ms",
+                "bf16 slices/s", "bf16 speed-up", "peak MB (fp32)"):
+        models.add_column(col, justify="left" if col == "model" else "right")
+    for row in result["models"]:
+        models.add_row(
+            row["name"], _fmt(row["params"] / 1e6), _fmt(row["gflops"]), _fmt(row["fp32_ms_per_slice"], 1),
+            _fmt(row["fp32_slices_per_s"], 1), _fmt(row["bf16_ms_per_slice"], 1),
+            _fmt(row["bf16_slices_per_s"], 1), _fmt(row["bf16_speedup"]) + "x", _fmt(row["peak_memory_mb"], 1),
+        )
+    notes = sorted({row["bf16_note"] for row in result["models"]})
+    models.caption = "bf16: " + "; ".join(notes)
+
+    tables = [machine, models]
+    ratios = result["ratios"]["mfcnet_over_unet"]
+    if ratios is not None:
+        t = Table(title="mfcnet / unet")
+        for col in ("params", "GFLOPs", "fp32 time", "bf16 time", "peak memory"):
+            t.add_column(col, justify="right")
+        t.add_row(*(_fmt(ratios[k], 3) + "x" for k in ("params", "gflops", "fp32_time", "bf16_time",
+                                                        "peak_memory")))
+        tables.append(t)
+
+    a = result["attention"]
+    b, c, h, w = a["input_shape"]
+    att = Table(title=f"spatial context extractor {h} x {w} x {c}, batch {b}",
+                caption=f"{a['pass']}; the naive N x N matrix alone: {a['naive_matrix_mb']:.1f} MB")
+    for col in ("implementation", "ms", "peak MB"):
+        att.add_column(col, justify="left" if col == "implementation" else "right")
+    for impl in ("sdpa", "naive"):
+        att.add_row(impl, _fmt(a[impl]["ms"], 1), _fmt(a[impl]["peak_memory_mb"], 1))
+    r = a["naive_over_sdpa"]
+    att.add_row("naive / sdpa", _fmt(r["time"]) + "x", _fmt(r["memory"]) + "x")
+    tables.append(att)
+
+    p, q = result["prepare"], result["predict"]
+    pipe = Table(title="pipeline")
+    for col in ("step", "input", "seconds", "throughput"):
+        pipe.add_column(col, justify="left" if col in ("step", "input") else "right")
+    pipe.add_row("prepare", f"{p['source']} {' x '.join(map(str, p['shape']))} -> {p['size']}",
+                 _fmt(p["seconds"]), f"{p['slices_per_s']:.1f} slices/s")
+    t = q["timings"]
+    pipe.add_row(
+        "predict (end to end)",
+        f"{q['kind']} {' x '.join(map(str, q['shape']))}, {q['model']} width {q['width']}",
+        _fmt(q["seconds"]),
+        f"{q['inference_slices_per_s']:.1f} slices/s (read {t['read']:.1f} s, inference {t['inference']:.1f} s, "
+        f"write {t['write']:.1f} s)",
+    )
+    tables.append(pipe)
+    return tables
