@@ -330,14 +330,16 @@ def test_lits117_known_tumour_slices(lits117_dir, tmp_path):
 
 
 @pytest.mark.realdata
-def test_cli_demo_fetches_sample_and_prepares_z_split(lits117_dir, tmp_path):
-    out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--sample-dir", str(lits117_dir), "--size", "32"]
-    result = CliRunner().invoke(app, args)
+def test_cli_prepare_z_split_of_the_lits117_sample(lits117_dir, tmp_path):
+    # The demo's data step (the demo itself is tested end to end in test_demo.py).
+    out = tmp_path / "prepared"
+    args = ["prepare", str(lits117_dir), "--out", str(out), "--size", "32", "--z-split", "0.6,0.2,0.2"]
+    result = CliRunner().invoke(app, [*args, "--no-progress"])
     assert result.exit_code == 0, result.output
-    manifest = json.loads((out / "prepared" / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["demo_z_split"] is True and manifest["options"]["slices"] == "tumor"
     assert [c["id"] for c in manifest["cases"]] == ["lits-117-z:train", "lits-117-z:val", "lits-117-z:test"]
     assert manifest["n_slices"] == 128 - 2 * 2  # two gaps of 2K + 2 = 2 slices
-    assert "not a patient-level split" in result.output
-    assert CliRunner().invoke(app, args).exit_code == 0  # re-running replaces its own output
+    assert "not a patient-level split" in manifest["options"]["z_split"]["note"]
+    assert CliRunner().invoke(app, [*args, "--no-progress"]).exit_code == 1  # refuses to overwrite
+    assert CliRunner().invoke(app, [*args, "--no-progress", "--overwrite"]).exit_code == 0
