@@ -60,8 +60,20 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("evaluate")
     data = make_split_dataset(base / "data")
     # 3 epochs of 6 steps learn enough for non-trivial masks (CPU training is deterministic).
-    result = train(TrainConfig(data=str(data), model="unet", out=str(base / "run"), width=4, batch_size=2,
-                               max_epochs=3, lr=1e-2, augment=False, precision="32", progress_bar=False))
+    result = train(
+        TrainConfig(
+            data=str(data),
+            model="unet",
+            out=str(base / "run"),
+            width=4,
+            batch_size=2,
+            max_epochs=3,
+            lr=1e-2,
+            augment=False,
+            precision="32",
+            progress_bar=False,
+        )
+    )
     return data, result.best_checkpoint
 
 
@@ -162,7 +174,11 @@ def _edit_manifest(src: Path, dest: Path, **options) -> Path:
 
 @pytest.mark.parametrize(
     ("option", "value", "fix"),
-    [("size", 48, "--size 32"), ("window", [-200, 250], "--window -100,200"), ("context_slices", 2, "--context-slices 1")],
+    [
+        ("size", 48, "--size 32"),
+        ("window", [-200, 250], "--window -100,200"),
+        ("context_slices", 2, "--context-slices 1"),
+    ],
 )
 def test_data_option_mismatch_is_one_line_error(trained, tmp_path, option, value, fix):
     data, ckpt = trained
@@ -198,8 +214,9 @@ def test_bad_inputs(trained, tmp_path):
 
 def test_cli_evaluate_json_and_table(trained, tmp_path):
     data, ckpt = trained
-    res = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--json",
-                                   "--out", str(tmp_path / "cli")])
+    res = CliRunner().invoke(
+        app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--json", "--out", str(tmp_path / "cli")]
+    )
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout)
     want = evaluate_checkpoint(ckpt, data, write=False)
@@ -207,8 +224,9 @@ def test_cli_evaluate_json_and_table(trained, tmp_path):
     assert payload["summary"]["f1"] == pytest.approx(want.summary["f1"])
     assert (tmp_path / "cli" / "metrics.json").is_file()
 
-    res = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(data),
-                                   "--out", str(tmp_path / "cli2")])
+    res = CliRunner().invoke(
+        app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "cli2")]
+    )
     assert res.exit_code == 0, res.output
     assert "f1_mean_per_slice" in res.stdout and "2PR/(P+R)" in res.stdout
 
@@ -235,8 +253,7 @@ def test_evaluate_volumes_matches_predict_and_volume_metrics(trained, tmp_path):
     want = []
     for path in find_cases([src]):
         vol = read_volume(path)
-        pred = predict_volume(loaded.model, vol, loaded.data_options, device="cpu", precision="fp32",
-                              progress=False)
+        pred = predict_volume(loaded.model, vol, loaded.data_options, device="cpu", precision="fp32", progress=False)
         want.append(volume_metrics(pred, vol.label == 2, vol.spacing))
     assert len(result.rows) == 2
     for got, ref in zip(result.rows, want):
@@ -252,7 +269,8 @@ def test_evaluate_volumes_matches_predict_and_volume_metrics(trained, tmp_path):
     assert [float(r["hd95"]) for r in lines] == pytest.approx([r["hd95"] for r in want])
     assert float(lines[0]["spacing_z"]) == pytest.approx(2.5)
 
-    res = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--volumes", str(src), "--json",
-                                   "--out", str(tmp_path / "cli")])
+    res = CliRunner().invoke(
+        app, ["evaluate", "--checkpoint", str(ckpt), "--volumes", str(src), "--json", "--out", str(tmp_path / "cli")]
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["volumes"]["summary"]["dice_global"] == pytest.approx(global_dice(want))

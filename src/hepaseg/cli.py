@@ -85,7 +85,8 @@ def prepare_command(
     context_slices: Annotated[int, typer.Option(help="Neighbour slices each side stored as channels.")] = 0,
     split: Annotated[str, typer.Option(help="Patient-level TRAIN,VAL,TEST fractions.")] = "0.7,0.1,0.2",
     split_file: Annotated[
-        Optional[Path], typer.Option(help='JSON with lists of case ids under "train", "val", "test" (overrides --split).')
+        Optional[Path],
+        typer.Option(help='JSON with lists of case ids under "train", "val", "test" (overrides --split).'),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the patient shuffle.")] = 0,
     z_split: Annotated[
@@ -147,6 +148,7 @@ def sample_command(
 
 # [cli:data]
 
+
 # --- models commands (models) ---------------------------------------------------------------
 @app.command("models")
 @user_errors
@@ -179,6 +181,7 @@ def models_command(
 
 # [cli:models]
 
+
 # --- training commands (train) --------------------------------------------------------------
 @app.command("train")
 @user_errors
@@ -199,9 +202,7 @@ def train_command(
     max_minutes: Annotated[
         Optional[float], typer.Option(help="Time budget; stops cleanly and saves last.ckpt.")
     ] = None,
-    precision: Annotated[
-        Optional[str], typer.Option(help="32 | 16-mixed | bf16-mixed (default: by hardware).")
-    ] = None,
+    precision: Annotated[Optional[str], typer.Option(help="32 | 16-mixed | bf16-mixed (default: by hardware).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of everything (runs on CPU repeat exactly).")] = 0,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     augment: Annotated[bool, typer.Option(help="Training augmentation.")] = True,
@@ -226,13 +227,31 @@ def train_command(
 
     result = train(
         TrainConfig(
-            data=str(data), model=model, out=str(out), width=width,
-            model_options=parse_key_values(model_option or []), loss=loss, lr=lr, weight_decay=weight_decay,
-            schedule=schedule, batch_size=batch_size, max_epochs=max_epochs, max_minutes=max_minutes,
-            precision=precision, seed=seed, num_workers=num_workers, augment=augment,
-            early_stopping_patience=early_stopping_patience, channels_last=channels_last,
-            accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-            resume=resume, overwrite=overwrite, progress_bar=progress,
+            data=str(data),
+            model=model,
+            out=str(out),
+            width=width,
+            model_options=parse_key_values(model_option or []),
+            loss=loss,
+            lr=lr,
+            weight_decay=weight_decay,
+            schedule=schedule,
+            batch_size=batch_size,
+            max_epochs=max_epochs,
+            max_minutes=max_minutes,
+            precision=precision,
+            seed=seed,
+            num_workers=num_workers,
+            augment=augment,
+            early_stopping_patience=early_stopping_patience,
+            channels_last=channels_last,
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            resume=resume,
+            overwrite=overwrite,
+            progress_bar=progress,
         )
     )
     table = Table(title=f"train {model} -> {result.run_dir}")
@@ -241,9 +260,13 @@ def train_command(
     dice = "-" if result.best_val_dice is None else f"{result.best_val_dice:.4f}"
     per_epoch = "-" if result.seconds_per_epoch is None else f"{result.seconds_per_epoch:.1f}"
     for key, value in (
-        ("best val_dice", dice), ("epochs", str(result.epochs)), ("steps", str(result.steps)),
-        ("s / epoch", per_epoch), ("wall s", f"{result.wall_seconds:.1f}"),
-        ("best.ckpt", str(result.best_checkpoint or "-")), ("last.ckpt", str(result.last_checkpoint or "-")),
+        ("best val_dice", dice),
+        ("epochs", str(result.epochs)),
+        ("steps", str(result.steps)),
+        ("s / epoch", per_epoch),
+        ("wall s", f"{result.wall_seconds:.1f}"),
+        ("best.ckpt", str(result.best_checkpoint or "-")),
+        ("last.ckpt", str(result.last_checkpoint or "-")),
     ):
         table.add_row(key, value)
     if result.stopped_by_time:
@@ -252,6 +275,7 @@ def train_command(
 
 
 # [cli:training]
+
 
 # --- evaluation commands (evaluate, compare) ------------------------------------------------
 @app.command("evaluate")
@@ -286,23 +310,26 @@ def evaluate_command(
     payload: dict = {}
     result = vol = None
     if data is not None:
-        result = evaluate_checkpoint(checkpoint, data, split=split, batch=batch, threshold=threshold, out=out,
-                                     device=device)
+        result = evaluate_checkpoint(
+            checkpoint, data, split=split, batch=batch, threshold=threshold, out=out, device=device
+        )
         payload = result.to_json()
     if volumes:
         from hepaseg.inference.evaluate_volumes import evaluate_volumes
 
         vol_out = out if out is not None else (result.out_dir if result is not None else None)
-        vol = evaluate_volumes(checkpoint, volumes, batch=batch, threshold=threshold, device=device, out=vol_out,
-                               progress=not json_output)
+        vol = evaluate_volumes(
+            checkpoint, volumes, batch=batch, threshold=threshold, device=device, out=vol_out, progress=not json_output
+        )
         payload["volumes"] = vol.to_json()
     if json_output:
         typer.echo(json.dumps(payload, indent=2))
         return
     if result is not None:
         s = result.summary
-        table = Table(title=f"{result.model_name} on {result.split} ({s['n_slices']} slices, "
-                            f"{len(result.per_case)} cases)")
+        table = Table(
+            title=f"{result.model_name} on {result.split} ({s['n_slices']} slices, {len(result.per_case)} cases)"
+        )
         table.add_column("metric")
         table.add_column("mean", justify="right")
         table.add_column("sd", justify="right")
@@ -325,12 +352,15 @@ def evaluate_command(
         for col in ("case", "dice", "jaccard", "rvd", "assd", "hd95", "hausdorff"):
             table.add_column(col, justify="right")
         for row in vol.rows:
-            table.add_row(row["case"], *(f"{row[k]:.3f}" for k in ("dice", "jaccard", "rvd", "assd", "hd95",
-                                                                       "hausdorff")))
+            table.add_row(
+                row["case"], *(f"{row[k]:.3f}" for k in ("dice", "jaccard", "rvd", "assd", "hd95", "hausdorff"))
+            )
         console.print(table)
         v = vol.summary
-        console.print(f"dice per case {v['dice_per_case']:.4f}, dice global {v['dice_global']:.4f} "
-                      f"({v['n_cases']} cases)", highlight=False)
+        console.print(
+            f"dice per case {v['dice_per_case']:.4f}, dice global {v['dice_global']:.4f} ({v['n_cases']} cases)",
+            highlight=False,
+        )
         for key, path in vol.paths.items():
             console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
 
@@ -353,7 +383,8 @@ def compare_command(
     ] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
     size_check: Annotated[
-        bool, typer.Option("--size-check", help="Dry run: build, run and time each model at the data's size; no training.")
+        bool,
+        typer.Option("--size-check", help="Dry run: build, run and time each model at the data's size; no training."),
     ] = False,
 ) -> None:
     """Train and evaluate several networks under one protocol: Table 1, Wilcoxon tests, Dice box plot."""
@@ -371,8 +402,15 @@ def compare_command(
         console.print(table)
         return
     result = compare(
-        data, out, models=models, seeds=seeds, width=width, max_minutes_per_run=max_minutes_per_run,
-        max_epochs=max_epochs, train_overrides={"batch_size": batch_size, "precision": precision}, split=split,
+        data,
+        out,
+        models=models,
+        seeds=seeds,
+        width=width,
+        max_minutes_per_run=max_minutes_per_run,
+        max_epochs=max_epochs,
+        train_overrides={"batch_size": batch_size, "precision": precision},
+        split=split,
         log=lambda line: console.print(line, highlight=False),
     )
     table = Table(title=f"compare: {len(result.models)} models x {len(result.seeds)} seeds (means over seeds)")
@@ -383,17 +421,26 @@ def compare_command(
         rows = [r for r in result.runs if r["model"] == name]
         mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("dice", "f1", "hausdorff")}
         p = p_values.get(name)
-        table.add_row(name, f"{100 * mean['dice']:.2f}", f"{100 * mean['f1']:.2f}", f"{mean['hausdorff']:.2f}",
-                      f"{result.params[name] / 1e6:.3f}", f"{result.cpu_ms_per_slice[name]:.2f}",
-                      "-" if p is None else f"{p:.3g}")
+        table.add_row(
+            name,
+            f"{100 * mean['dice']:.2f}",
+            f"{100 * mean['f1']:.2f}",
+            f"{mean['hausdorff']:.2f}",
+            f"{result.params[name] / 1e6:.3f}",
+            f"{result.cpu_ms_per_slice[name]:.2f}",
+            "-" if p is None else f"{p:.3g}",
+        )
     console.print(table)
-    console.print(f"trained {len(result.trained)} run(s) in {result.wall_seconds / 60:.1f} min; written to "
-                  f"{result.out}:", highlight=False)
+    console.print(
+        f"trained {len(result.trained)} run(s) in {result.wall_seconds / 60:.1f} min; written to {result.out}:",
+        highlight=False,
+    )
     for key, path in result.paths.items():
         console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
 
 
 # [cli:evaluation]
+
 
 # --- inference commands (predict, explain, export, benchmark) -------------------------------
 @app.command("predict")
@@ -444,8 +491,11 @@ def predict_command(
     for row in result.lesions:
         z, y, x = row["centroid_mm"]
         table.add_row(
-            str(row["id"]), f"{row['volume_ml']:.2f}", f"{row['max_axial_diameter_mm']:.1f}",
-            f"{z:.1f}, {y:.1f}, {x:.1f}", f"{row['first_slice']}-{row['last_slice']}",
+            str(row["id"]),
+            f"{row['volume_ml']:.2f}",
+            f"{row['max_axial_diameter_mm']:.1f}",
+            f"{z:.1f}, {y:.1f}, {x:.1f}",
+            f"{row['first_slice']}-{row['last_slice']}",
         )
     console.print(table)
     if result.metrics is not None:
@@ -501,8 +551,10 @@ def explain_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")],
     query: Annotated[
         Optional[list[str]],
-        typer.Option("--query", help="Query pixel Y,X in original slice pixels (repeatable); "
-                                     "default: one tumour and one background pixel."),
+        typer.Option(
+            "--query",
+            help="Query pixel Y,X in original slice pixels (repeatable); default: one tumour and one background pixel.",
+        ),
     ] = None,
 ) -> None:
     """Draw the paper's Fig. 1 for one slice: input, truth, prediction, context features and attention."""
@@ -527,8 +579,11 @@ def explain_command(
         for block in result.blocks:
             sums = result.arrays[f"stage{block['stage']}_attention"].sum(axis=(1, 2))
             blocks.add_row(
-                str(block["stage"]), " x ".join(map(str, block["shape"])), f"{block['alpha']:.4g}",
-                f"{block['beta']:.4g}", ", ".join(f"{s:.4f}" for s in sums),
+                str(block["stage"]),
+                " x ".join(map(str, block["shape"])),
+                f"{block['alpha']:.4g}",
+                f"{block['beta']:.4g}",
+                ", ".join(f"{s:.4f}" for s in sums),
             )
         console.print(blocks)
     for note in result.notes:
@@ -558,7 +613,12 @@ def benchmark_command(
 
     names = None if models.strip().lower() == "all" else [m for m in models.replace(" ", "").split(",") if m]
     result = run_benchmark(
-        names, width=width, size=size, batch=batch, repeats=repeats, quick=quick,
+        names,
+        width=width,
+        size=size,
+        batch=batch,
+        repeats=repeats,
+        quick=quick,
         log=lambda line: err_console.print(f"[dim]benchmark:[/] {line}", highlight=False),
     )
     if out is not None:
@@ -573,6 +633,7 @@ def benchmark_command(
 
 
 # [cli:inference]
+
 
 # --- demo -----------------------------------------------------------------------------------
 @app.command("demo")
@@ -596,27 +657,39 @@ def demo_command(
     from hepaseg.demo import run_demo  # imports torch: keep `hepaseg --help` fast
     from hepaseg.evaluation import TABLE1_COLUMNS
 
-    result = run_demo(out, minutes=minutes, sample_dir=sample_dir, size=size, width=width, progress=progress,
-                      console=console)
+    result = run_demo(
+        out, minutes=minutes, sample_dir=sample_dir, size=size, width=width, progress=progress, console=console
+    )
     from rich import box
 
     table = Table(title="Table 1, test z-block (DEMO single-patient split)", box=box.SIMPLE_HEAD)
     table.add_column("Method", style="bold", no_wrap=True)
-    short = {"dice": "Dice %", "hausdorff": "HD px", "jaccard": "Jacc %", "precision": "Prec %",
-             "recall": "Rec %", "specificity": "Spec %", "f1": "F1 %"}  # so the table fits 80 columns
+    short = {
+        "dice": "Dice %",
+        "hausdorff": "HD px",
+        "jaccard": "Jacc %",
+        "precision": "Prec %",
+        "recall": "Rec %",
+        "specificity": "Spec %",
+        "f1": "F1 %",
+    }  # so the table fits 80 columns
     for _, key, _ in TABLE1_COLUMNS:
         table.add_column(short.get(key, key), justify="right", no_wrap=True)
     table.add_column("ms/sl", justify="right", no_wrap=True)
     for model, summary in result.table1.items():
         table.add_row(
-            model, *(f"{float(summary[key]) * scale:.1f}" for _, key, scale in TABLE1_COLUMNS),
+            model,
+            *(f"{float(summary[key]) * scale:.1f}" for _, key, scale in TABLE1_COLUMNS),
             f"{result.ms_per_slice[model]:.0f}",
         )
     console.print(table)
     if result.volume_metrics is not None:
         m = result.volume_metrics
-        console.print(f"held-out block predicted by {result.chosen_model}: dice {m['dice']:.3f}, "
-                      f"hd95 {m['hd95']:.1f} mm, {len(result.lesions)} lesion(s)", highlight=False)
+        console.print(
+            f"held-out block predicted by {result.chosen_model}: dice {m['dice']:.3f}, "
+            f"hd95 {m['hd95']:.1f} mm, {len(result.lesions)} lesion(s)",
+            highlight=False,
+        )
     console.print("Params, 2-decimal values, figures and the commands of each step are in the report.")
     console.print(f"demo took {result.timings['total']:.0f} s; report: [bold]{result.report}[/]", soft_wrap=True)
 

@@ -152,9 +152,7 @@ def _claim_out_dir(out: Path) -> None:
     write_json_atomic(out / DEMO_MARKER, {"format": "hepaseg-demo/1", "hepaseg_version": __version__})
 
 
-def write_z_block(
-    volume_file: str | os.PathLike, out_dir: str | os.PathLike, z_start: int, z_stop: int
-) -> Path:
+def write_z_block(volume_file: str | os.PathLike, out_dir: str | os.PathLike, z_start: int, z_stop: int) -> Path:
     """Write slices ``z_start <= z < z_stop`` of a labelled case as a LiTS-layout sub-volume.
 
     The sub-volume keeps the voxels (HU), the label map and the spacing; its affine is the
@@ -197,8 +195,16 @@ def write_z_block(
     return write_image_nifti(block, out / f"volume-{number}.nii.gz")
 
 
-def _time_training_step(model: str, *, size: int, width: int, batch_size: int, precision: str,
-                        channels_last: bool, max_seconds: float = 10.0) -> float:
+def _time_training_step(
+    model: str,
+    *,
+    size: int,
+    width: int,
+    batch_size: int,
+    precision: str,
+    channels_last: bool,
+    max_seconds: float = 10.0,
+) -> float:
     """Seconds of one CPU training step (forward, backward, AdamW) of ``model`` on random slices.
 
     The median of up to three steps after one warm-up step (which pays one-off costs: allocator,
@@ -328,8 +334,19 @@ def run_demo(
     t0 = time.perf_counter()
     sample = fetch_lits117(out / "sample", from_dir=source)
     timings["sample"] = time.perf_counter() - t0
-    commands.append(("sample", _cmd("hepaseg", "sample", "lits117", "--dest", sample,
-                                    *(("--from-dir", source) if source is not None else ()))))
+    commands.append(
+        (
+            "sample",
+            _cmd(
+                "hepaseg",
+                "sample",
+                "lits117",
+                "--dest",
+                sample,
+                *(("--from-dir", source) if source is not None else ()),
+            ),
+        )
+    )
     volume_file = sample / "volume-117.nii.gz"
 
     # 2. prepare with the demo z-split ------------------------------------------------------------
@@ -338,17 +355,42 @@ def run_demo(
     t0 = time.perf_counter()
     prepared = out / "prepared"
     z_text = ",".join(f"{f:g}" for f in DEMO_Z_SPLIT)
-    manifest = prepare([volume_file], prepared, size=size, slices="tumor",
-                       z_split={"fractions": list(DEMO_Z_SPLIT), "gap": None}, progress=progress, console=console)
+    manifest = prepare(
+        [volume_file],
+        prepared,
+        size=size,
+        slices="tumor",
+        z_split={"fractions": list(DEMO_Z_SPLIT), "gap": None},
+        progress=progress,
+        console=console,
+    )
     timings["prepare"] = time.perf_counter() - t0
-    commands.append(("prepare", _cmd("hepaseg", "prepare", volume_file, "--out", prepared, "--size", size,
-                                     "--slices", "tumor", "--z-split", z_text)))
+    commands.append(
+        (
+            "prepare",
+            _cmd(
+                "hepaseg",
+                "prepare",
+                volume_file,
+                "--out",
+                prepared,
+                "--size",
+                size,
+                "--slices",
+                "tumor",
+                "--z-split",
+                z_text,
+            ),
+        )
+    )
     blocks = {c["split"]: c for c in manifest["cases"]}
     n_train, n_val = blocks["train"]["n_slices"], blocks["val"]["n_slices"]
     test_z = blocks["test"]["kept_slices"]
     if not test_z or not n_val:
-        raise HepasegError(f"{volume_file}: the demo z-split left no test or validation slices: expected "
-                           "a volume with tumour along z (the LiTS-117 sample has it in every slice).")
+        raise HepasegError(
+            f"{volume_file}: the demo z-split left no test or validation slices: expected "
+            "a volume with tumour along z (the LiTS-117 sample has it in every slice)."
+        )
 
     # 3. train both networks ----------------------------------------------------------------------
     train_minutes = TRAIN_SHARE * float(minutes)
@@ -356,19 +398,36 @@ def run_demo(
     for model in DEMO_MODELS:
         step(f"train {model} ({train_minutes:.2f} min)")
         t0 = time.perf_counter()
-        config = resolve_config(TrainConfig(
-            data=str(prepared), model=model, out=str(out / "runs" / model), width=width, batch_size=batch_size,
-            lr=lr, seed=seed, progress_bar=progress,
-        ))
+        config = resolve_config(
+            TrainConfig(
+                data=str(prepared),
+                model=model,
+                out=str(out / "runs" / model),
+                width=width,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                progress_bar=progress,
+            )
+        )
         # The share covers the whole step: the probe and Lightning's start-up (~5 s) come out of it.
-        step_s = _time_training_step(model, size=size, width=width, batch_size=batch_size,
-                                     precision=str(config.precision), channels_last=bool(config.channels_last),
-                                     max_seconds=0.1 * train_minutes * 60)
+        step_s = _time_training_step(
+            model,
+            size=size,
+            width=width,
+            batch_size=batch_size,
+            precision=str(config.precision),
+            channels_last=bool(config.channels_last),
+            max_seconds=0.1 * train_minutes * 60,
+        )
         fit_s = max(0.25 * train_minutes * 60, train_minutes * 60 - (time.perf_counter() - t0) - 5.0)
         epochs = _epochs_for_budget(step_s, n_train=n_train, n_val=n_val, batch_size=batch_size, budget_s=fit_s)
         config.max_minutes = round(fit_s / 60, 3)
-        console.print(f"{model}: {step_s:.2f} s per training step measured -> --max-epochs {epochs}, "
-                      f"--max-minutes {config.max_minutes:g}", highlight=False)
+        console.print(
+            f"{model}: {step_s:.2f} s per training step measured -> --max-epochs {epochs}, "
+            f"--max-minutes {config.max_minutes:g}",
+            highlight=False,
+        )
         config.max_epochs = epochs
         precisions[model] = str(config.precision)
         result = train(config)
@@ -378,12 +437,39 @@ def run_demo(
         best_ckpt[model] = result.best_checkpoint or result.last_checkpoint
         best_val[model] = result.best_val_dice
         if best_ckpt[model] is None:
-            raise HepasegError(f"--minutes {minutes}: too short: {model} wrote no checkpoint in "
-                               f"{train_minutes:.2f} min. Give the demo more minutes.")
-        commands.append((f"train {model}", _cmd(
-            "hepaseg", "train", "--data", prepared, "--model", model, "--out", config.out, "--width", width,
-            "--batch-size", batch_size, "--lr", f"{lr:g}", "--max-epochs", epochs,
-            "--max-minutes", f"{config.max_minutes:g}", "--precision", config.precision, "--seed", seed)))
+            raise HepasegError(
+                f"--minutes {minutes}: too short: {model} wrote no checkpoint in "
+                f"{train_minutes:.2f} min. Give the demo more minutes."
+            )
+        commands.append(
+            (
+                f"train {model}",
+                _cmd(
+                    "hepaseg",
+                    "train",
+                    "--data",
+                    prepared,
+                    "--model",
+                    model,
+                    "--out",
+                    config.out,
+                    "--width",
+                    width,
+                    "--batch-size",
+                    batch_size,
+                    "--lr",
+                    f"{lr:g}",
+                    "--max-epochs",
+                    epochs,
+                    "--max-minutes",
+                    f"{config.max_minutes:g}",
+                    "--precision",
+                    config.precision,
+                    "--seed",
+                    seed,
+                ),
+            )
+        )
 
     # 4. evaluate on the test z-block -----------------------------------------------------------
     table1, params, ms_per_slice, slice_rows = {}, {}, {}, {}
@@ -395,13 +481,29 @@ def run_demo(
         table1[model] = dict(ev.summary)
         slice_rows[model] = ev.rows
         ms_per_slice[model] = float(ev.timings["ms_per_slice"])
-        params[model] = int(sum(p.numel() for p in load_checkpoint(best_ckpt[model]).model.parameters()
-                                if p.requires_grad))
-        commands.append((f"evaluate {model}", _cmd("hepaseg", "evaluate", "--checkpoint", best_ckpt[model],
-                                                   "--data", prepared, "--split", "test", "--out",
-                                                   out / "eval" / model)))
-        console.print(f"{model}: test Dice {100 * ev.summary['dice']:.2f} % over {ev.summary['n_slices']} slices",
-                      highlight=False)
+        params[model] = int(
+            sum(p.numel() for p in load_checkpoint(best_ckpt[model]).model.parameters() if p.requires_grad)
+        )
+        commands.append(
+            (
+                f"evaluate {model}",
+                _cmd(
+                    "hepaseg",
+                    "evaluate",
+                    "--checkpoint",
+                    best_ckpt[model],
+                    "--data",
+                    prepared,
+                    "--split",
+                    "test",
+                    "--out",
+                    out / "eval" / model,
+                ),
+            )
+        )
+        console.print(
+            f"{model}: test Dice {100 * ev.summary['dice']:.2f} % over {ev.summary['n_slices']} slices", highlight=False
+        )
 
     # 5. the held-out block as a volume, predicted by the network with the best validation Dice ----
     step("predict the held-out block")
@@ -409,15 +511,24 @@ def run_demo(
     z0, z1 = int(min(test_z)), int(max(test_z)) + 1
     heldout = write_z_block(volume_file, out / "heldout", z0, z1)
     timings["held-out volume"] = time.perf_counter() - t0
-    commands.append(("held-out volume", _cmd(
-        "python", "-c", f"from hepaseg.demo import write_z_block; "
-        f"write_z_block({json.dumps(str(volume_file))}, {json.dumps(str(out / 'heldout'))}, {z0}, {z1})")))
+    commands.append(
+        (
+            "held-out volume",
+            _cmd(
+                "python",
+                "-c",
+                f"from hepaseg.demo import write_z_block; "
+                f"write_z_block({json.dumps(str(volume_file))}, {json.dumps(str(out / 'heldout'))}, {z0}, {z1})",
+            ),
+        )
+    )
     chosen = max(DEMO_MODELS, key=lambda m: -1.0 if best_val[m] is None else best_val[m])  # ties: mfcnet
     t0 = time.perf_counter()
     prediction = predict_case(heldout, out / "predict", checkpoint=best_ckpt[chosen], progress=progress)
     timings["predict"] = time.perf_counter() - t0
-    commands.append(("predict", _cmd("hepaseg", "predict", heldout, "--checkpoint", best_ckpt[chosen],
-                                     "--out", out / "predict")))
+    commands.append(
+        ("predict", _cmd("hepaseg", "predict", heldout, "--checkpoint", best_ckpt[chosen], "--out", out / "predict"))
+    )
 
     # 6. explain MFCNet on the held-out slice with the most tumour -------------------------------
     step("explain")
@@ -429,16 +540,33 @@ def run_demo(
     z_local = int(np.argmax(tumour_per_slice))  # the first of the largest, when tied
     explanation = explain_slice(best_ckpt["mfcnet"], heldout, z_local, out / "explain.png")
     timings["explain"] = time.perf_counter() - t0
-    commands.append(("explain", _cmd("hepaseg", "explain", "--checkpoint", best_ckpt["mfcnet"], "--input", heldout,
-                                     "--slice", z_local, "--out", out / "explain.png")))
+    commands.append(
+        (
+            "explain",
+            _cmd(
+                "hepaseg",
+                "explain",
+                "--checkpoint",
+                best_ckpt["mfcnet"],
+                "--input",
+                heldout,
+                "--slice",
+                z_local,
+                "--out",
+                out / "explain.png",
+            ),
+        )
+    )
 
     # 7. curves and report ----------------------------------------------------------------------
     step("report")
     t0 = time.perf_counter()
-    curves = plot_training_curves({m: runs[m].run_dir for m in DEMO_MODELS}, out / "curves.png",
-                                  title=f"LiTS-117 demo: {size} px, width {width}")
-    slice_dice = plot_slice_dice(slice_rows, out / "slice_dice.png",
-                                 title=f"Dice per slice of the test z-block (slices {z0}-{z1 - 1})")
+    curves = plot_training_curves(
+        {m: runs[m].run_dir for m in DEMO_MODELS}, out / "curves.png", title=f"LiTS-117 demo: {size} px, width {width}"
+    )
+    slice_dice = plot_slice_dice(
+        slice_rows, out / "slice_dice.png", title=f"Dice per slice of the test z-block (slices {z0}-{z1 - 1})"
+    )
     metrics = prediction.metrics
     lesions = prediction.lesions
     n_test = int(table1["mfcnet"]["n_slices"])
@@ -448,7 +576,7 @@ def run_demo(
     content = ReportContent(
         title="hepaseg demo: MFCNet vs U-Net on LiTS-117",
         subtitle=f"LiTS training case 117 (128 x 128 x 128 crop, nominal 1 mm voxels), {size} px slices, "
-                 f"width {width}, {minutes:g}-minute budget",
+        f"width {width}, {minutes:g}-minute budget",
         warning=Z_SPLIT_WARNING,
         table1=table1,
         table1_extra={"Params": params, "ms/slice": ms_per_slice},
@@ -458,11 +586,17 @@ def run_demo(
             "and the mean recall). ms/slice: fp32 forward time per slice during evaluation. Checkpoints: the "
             "best validation Dice of each run (last.ckpt when no validation finished)."
         ),
-        slice_dice=ReportFigure(path=slice_dice, title="Dice per test slice",
-                                caption="Per-slice Dice of each network on the test z-block (an empty prediction "
-                                        "on a slice with tumour scores 0)."),
-        curves=ReportFigure(path=curves, title="Training curves",
-                            caption="Mean training loss and mean per-slice validation Dice per epoch."),
+        slice_dice=ReportFigure(
+            path=slice_dice,
+            title="Dice per test slice",
+            caption="Per-slice Dice of each network on the test z-block (an empty prediction "
+            "on a slice with tumour scores 0).",
+        ),
+        curves=ReportFigure(
+            path=curves,
+            title="Training curves",
+            caption="Mean training loss and mean per-slice validation Dice per epoch.",
+        ),
         volume_metrics=metrics,
         volume_note=(
             f"{chosen} (best validation Dice: {val_text}) predicted the held-out test z-block as a volume: "
@@ -470,23 +604,31 @@ def run_demo(
             "and labels, origin moved to the block), so the prediction and its metrics cover only slices no "
             "network trained on. Distances in mm at the nominal 1 mm spacing of the sample."
         ),
-        overlay=ReportFigure(path=prediction.paths["overlay"], title="Overlay",
-                             caption="Slices of the held-out block with the most predicted tumour: prediction "
-                                     f"(red) and reference (green) outlines; z counts slices of the block "
-                                     f"(original z = z + {z0})."),
+        overlay=ReportFigure(
+            path=prediction.paths["overlay"],
+            title="Overlay",
+            caption="Slices of the held-out block with the most predicted tumour: prediction "
+            f"(red) and reference (green) outlines; z counts slices of the block "
+            f"(original z = z + {z0}).",
+        ),
         lesions=lesions,
         explanation=ReportFigure(
-            path=explanation.path, title=f"MFCNet explanation, held-out slice {z_local} (original z {z0 + z_local})",
+            path=explanation.path,
+            title=f"MFCNet explanation, held-out slice {z_local} (original z {z0 + z_local})",
             caption="Input with query pixels, ground truth, prediction; context-block features before/after and "
-                    "the spatial attention of each query (the paper's Fig. 1). "
-                    + " ".join(explanation.notes)),
+            "the spatial attention of each query (the paper's Fig. 1). " + " ".join(explanation.notes),
+        ),
         timings=timings,
         commands=commands,
         details={
             "case": "lits-117 (LiTS training case 117 = MSD Task03 liver_117)",
             "sample source": str(source) if source is not None else "pip download (cached)",
-            "slice size (px)": size, "base width": width, "batch size": batch_size, "learning rate": lr,
-            "seed": seed, "precision": ", ".join(f"{m} {p}" for m, p in precisions.items()),
+            "slice size (px)": size,
+            "base width": width,
+            "batch size": batch_size,
+            "learning rate": lr,
+            "seed": seed,
+            "precision": ", ".join(f"{m} {p}" for m, p in precisions.items()),
             "epochs run": ", ".join(f"{m} {runs[m].epochs}" for m in DEMO_MODELS),
             "stopped by the clock": ", ".join(f"{m} {runs[m].stopped_by_time}" for m in DEMO_MODELS),
             "z blocks (train / val / test slices)": f"{n_train} / {n_val} / {n_test}",
@@ -496,17 +638,45 @@ def run_demo(
     report = write_report(content, out / "report.html")
     timings["curves + report"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-    paths = {"report": report, "curves": curves, "slice_dice": slice_dice, "explain": explanation.path, **prediction.paths}
+    paths = {
+        "report": report,
+        "curves": curves,
+        "slice_dice": slice_dice,
+        "explain": explanation.path,
+        **prediction.paths,
+    }
     result = DemoResult(
-        out_dir=out, report=report, table1=table1, params=params, ms_per_slice=ms_per_slice,
-        best_val_dice=best_val, chosen_model=chosen, volume_metrics=metrics, lesions=lesions,
-        timings=timings, commands=commands, paths=paths,
+        out_dir=out,
+        report=report,
+        table1=table1,
+        params=params,
+        ms_per_slice=ms_per_slice,
+        best_val_dice=best_val,
+        chosen_model=chosen,
+        volume_metrics=metrics,
+        lesions=lesions,
+        timings=timings,
+        commands=commands,
+        paths=paths,
     )
-    write_json_atomic(out / "demo.json", json_safe({
-        "format": "hepaseg-demo/1", "demo_z_split": True, "warning": Z_SPLIT_WARNING, "table1": table1,
-        "params": params, "ms_per_slice": ms_per_slice, "best_val_dice": best_val, "chosen_model": chosen,
-        "volume_metrics": metrics, "lesions": lesions, "timings": timings,
-        "commands": [{"step": s, "command": c} for s, c in commands],
-        "paths": {k: str(v) for k, v in paths.items()},
-    }))  # last: NaN sds (one slice) become null
+    write_json_atomic(
+        out / "demo.json",
+        json_safe(
+            {
+                "format": "hepaseg-demo/1",
+                "demo_z_split": True,
+                "warning": Z_SPLIT_WARNING,
+                "table1": table1,
+                "params": params,
+                "ms_per_slice": ms_per_slice,
+                "best_val_dice": best_val,
+                "chosen_model": chosen,
+                "volume_metrics": metrics,
+                "lesions": lesions,
+                "timings": timings,
+                "commands": [{"step": s, "command": c} for s, c in commands],
+                "paths": {k: str(v) for k, v in paths.items()},
+            }
+        ),
+    )  # last: NaN sds (one slice) become null
     return result

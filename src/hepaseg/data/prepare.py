@@ -242,9 +242,7 @@ def _read_split_file(path: Path) -> dict[str, str]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise HepasegError(
-            f"{path}: split file not found. Give an existing JSON file to --split-file."
-        ) from None
+        raise HepasegError(f"{path}: split file not found. Give an existing JSON file to --split-file.") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise HepasegError(
             f'{path}: split file is not valid JSON ({exc}). Expected {{"train": [ids], "val": [...], "test": [...]}}.'
@@ -255,9 +253,7 @@ def _read_split_file(path: Path) -> dict[str, str]:
     assignment: dict[str, str] = {}
     for split_name, ids in data.items():
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise HepasegError(
-                f"{path}: split {split_name!r}: expected a list of case id strings, got {ids!r}."
-            )
+            raise HepasegError(f"{path}: split {split_name!r}: expected a list of case id strings, got {ids!r}.")
         for cid in ids:
             if cid in assignment:
                 raise HepasegError(
@@ -285,9 +281,7 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
         raise HepasegError(f"{path}: manifest is not valid JSON ({exc}). Re-run `hepaseg prepare`.") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise HepasegError(
-            f"{path}: manifest format: expected {FORMAT!r}, got {got!r}. Re-run `hepaseg prepare`."
-        )
+        raise HepasegError(f"{path}: manifest format: expected {FORMAT!r}, got {got!r}. Re-run `hepaseg prepare`.")
     for key in ("options", "cases"):
         if key not in manifest:
             raise HepasegError(f"{path}: manifest has no {key!r} entry. Re-run `hepaseg prepare`.")
@@ -342,9 +336,7 @@ def _check_options(window, size, slices, context_slices, split, z_split, split_f
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
         raise HepasegError(f"--window: expected LO < HI (HU), got {lo:g},{hi:g}. Example: --window -200,250.")
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise HepasegError(
-            f"--size: expected a positive number of pixels, got {size!r}. Example: --size 224."
-        )
+        raise HepasegError(f"--size: expected a positive number of pixels, got {size!r}. Example: --size 224.")
     if slices not in SLICE_MODES:
         raise HepasegError(f"--slices: expected one of {', '.join(SLICE_MODES)}, got {slices!r}.")
     if not isinstance(context_slices, int) or context_slices < 0:
@@ -382,12 +374,7 @@ def _check_fractions(values, option: str) -> list[float]:
         fr = [float(v) for v in values]
     except (TypeError, ValueError):
         raise HepasegError(f"{option}: expected three fractions TRAIN,VAL,TEST, got {values!r}.") from None
-    if (
-        len(fr) != 3
-        or any(not math.isfinite(f) or f < 0 for f in fr)
-        or abs(sum(fr) - 1.0) > 1e-6
-        or fr[0] <= 0
-    ):
+    if len(fr) != 3 or any(not math.isfinite(f) or f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6 or fr[0] <= 0:
         raise HepasegError(
             f"{option}: expected three non-negative fractions TRAIN,VAL,TEST summing to 1 with TRAIN > 0, "
             f"got {values!r}. Example: {option} 0.7,0.1,0.2."
@@ -409,9 +396,7 @@ def _z_blocks(n_z: int, fractions: Sequence[float], gap: int, where: str) -> dic
     n_test, n_val = max(n_test, 1 if fractions[2] > 0 else 0), max(n_val, 1 if fractions[1] > 0 else 0)
     n_train = usable - n_val - n_test
     if n_train < 1:
-        raise HepasegError(
-            f"{where}: --z-split leaves no train slices ({n_z} slices). Give train a larger fraction."
-        )
+        raise HepasegError(f"{where}: --z-split leaves no train slices ({n_z} slices). Give train a larger fraction.")
     blocks, start = {}, 0
     for name, n in zip(SPLITS, (n_train, n_val, n_test)):
         if n == 0:
@@ -449,16 +434,15 @@ def _check_label(vol: Volume, where: str) -> None:
     if vol.label is None:
         return
     if vol.label.shape != vol.image.shape:
-        raise HepasegError(
-            f"{where}: label shape: expected the image shape {vol.image.shape}, got {vol.label.shape}."
-        )
+        raise HepasegError(f"{where}: label shape: expected the image shape {vol.image.shape}, got {vol.label.shape}.")
     label = vol.label
     if label.size and label.dtype == np.uint8 and label.max() <= 2:
         return  # the usual case (io returns uint8): a max is much cheaper than np.unique
     values = np.unique(label)
     if any(v not in (0, 1, 2) for v in values):
         raise HepasegError(
-            f"{where}: label values: expected {{0 background, 1 liver, 2 tumour}}, got {sorted(int(v) for v in values)}. "
+            f"{where}: label values: expected {{0 background, 1 liver, 2 tumour}}, "
+            f"got {sorted(int(v) for v in values)}. "
             "Convert the labels to the LiTS convention first."
         )
 
@@ -529,9 +513,7 @@ def prepare(
             cases, unknown split ids, or an ``out`` that is not ours. On any error
             nothing is left at ``out`` (a previous output is kept as it was).
     """
-    (lo, hi), fractions, z_opts = _check_options(
-        window, size, slices, context_slices, split, z_split, split_file
-    )
+    (lo, hi), fractions, z_opts = _check_options(window, size, slices, context_slices, split, z_split, split_file)
     out = Path(out)
     replace_previous = _check_out(out, overwrite)
     split_path = Path(split_file) if split_file is not None else None
@@ -580,31 +562,22 @@ def prepare(
                     )
                 seen[vol.case_id] = str(path)
                 if vol.image.ndim != 3:
-                    raise HepasegError(
-                        f"{path}: image: expected a 3D (z, y, x) volume, got shape {vol.image.shape}."
-                    )
+                    raise HepasegError(f"{path}: image: expected a 3D (z, y, x) volume, got shape {vol.image.shape}.")
                 _check_label(vol, where)
                 keep_all = (
-                    np.arange(vol.image.shape[0])
-                    if slices == "all"
-                    else select_slices(vol.label, slices, where=where)
+                    np.arange(vol.image.shape[0]) if slices == "all" else select_slices(vol.label, slices, where=where)
                 )
                 if z_opts is not None:
                     blocks = _z_blocks(vol.image.shape[0], z_opts["fractions"], z_opts["gap"], where)
                     parts = [
-                        (f"{vol.case_id}-z:{name}", name, np.intersect1d(keep_all, blk))
-                        for name, blk in blocks.items()
+                        (f"{vol.case_id}-z:{name}", name, np.intersect1d(keep_all, blk)) for name, blk in blocks.items()
                     ]
                 else:
                     parts = [(vol.case_id, None, keep_all)]
                 for case_id, block_split, keep in parts:
-                    image, label = _process_volume(
-                        vol, keep, window=(lo, hi), size=size, context_slices=context_slices
-                    )
+                    image, label = _process_volume(vol, keep, window=(lo, hi), size=size, context_slices=context_slices)
                     shard = f"cases/{_safe_name(case_id)}.npz"
-                    np.savez_compressed(
-                        tmp / shard, image=image, label=label, slice_index=keep.astype(np.int32)
-                    )
+                    np.savez_compressed(tmp / shard, image=image, label=label, slice_index=keep.astype(np.int32))
                     cases.append(
                         {
                             "id": case_id,

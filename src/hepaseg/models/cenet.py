@@ -120,9 +120,7 @@ class ResNet34Encoder(nn.Module):
         layers, prev = [], widths[0]
         for i, (width, depth) in enumerate(zip(widths, (3, 4, 6, 3))):
             stride = 1 if i == 0 else 2
-            blocks = [BasicBlock(prev, width, stride=stride)] + [
-                BasicBlock(width, width) for _ in range(depth - 1)
-            ]
+            blocks = [BasicBlock(prev, width, stride=stride)] + [BasicBlock(width, width) for _ in range(depth - 1)]
             layers.append(nn.Sequential(*blocks))
             prev = width
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
@@ -171,7 +169,8 @@ def load_resnet34_state_dict(encoder: ResNet34Encoder, path: str | Path) -> None
         raise HepasegError(
             f"pretrained_state_dict {str(path)!r}: keys do not match resnet34: "
             f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}. Save torchvision's resnet34().state_dict()"
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}. "
+            "Save torchvision's resnet34().state_dict()"
         )
     stem = state["conv1.weight"]
     in_channels = own["conv1.weight"].shape[1]

@@ -99,8 +99,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     """Fill the hardware-dependent ``None`` defaults (precision, channels_last) of ``config``."""
     accelerator = config.accelerator
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
-                                      and not torch.backends.mps.is_available())
+    on_cpu = accelerator == "cpu" or (
+        accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    )
     precision = config.precision
     if precision is None:
         precision = "16-mixed" if on_gpu else ("bf16-mixed" if on_cpu and _cpu_has_native_bf16() else "32-true")
@@ -120,12 +121,16 @@ def _prepare_run_dir(config: TrainConfig) -> Path | None:
     present = [name for name in _RUN_MARKERS if (run / name).exists()]
     if config.resume:
         if not last.is_file():
-            raise HepasegError(f"{last}: not found: --resume needs the last.ckpt of an earlier run in --out. "
-                               "Drop --resume to start a new run")
+            raise HepasegError(
+                f"{last}: not found: --resume needs the last.ckpt of an earlier run in --out. "
+                "Drop --resume to start a new run"
+            )
         return last
     if present and not config.overwrite:
-        raise HepasegError(f"{run}: already holds a run ({', '.join(present)}): expected a new or empty "
-                           "directory. Pass --resume to continue it or --overwrite to replace it")
+        raise HepasegError(
+            f"{run}: already holds a run ({', '.join(present)}): expected a new or empty "
+            "directory. Pass --resume to continue it or --overwrite to replace it"
+        )
     if present:  # --overwrite; only a directory that holds a run is ever deleted
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -136,8 +141,10 @@ def _check_resume_matches(path: Path, config: TrainConfig) -> dict[str, Any]:
     meta = read_checkpoint(path)["hepaseg"]
     for key, now in (("model", config.model), ("base_width", config.width), ("model_options", config.model_options)):
         if meta.get(key) != now:
-            raise HepasegError(f"{path}: --resume with a different {key}: expected {meta.get(key)!r} "
-                               f"(the checkpoint's), got {now!r}. Resume with the same model options")
+            raise HepasegError(
+                f"{path}: --resume with a different {key}: expected {meta.get(key)!r} "
+                f"(the checkpoint's), got {now!r}. Resume with the same model options"
+            )
     return meta
 
 
@@ -169,18 +176,27 @@ def train(config: TrainConfig) -> TrainResult:
     config = resolve_config(config)
     run = Path(config.out)
     # Validate everything (data, loss, model and its options) before touching the run directory.
-    datamodule = SliceDataModule(config.data, batch_size=config.batch_size, num_workers=config.num_workers,
-                                 augment=config.augment, target=config.target, seed=config.seed)
+    datamodule = SliceDataModule(
+        config.data,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        augment=config.augment,
+        target=config.target,
+        seed=config.seed,
+    )
     loss = build_loss(config.loss)
     L.seed_everything(config.seed, workers=True, verbose=False)  # before the network draws its weights
     datamodule.setup("fit")
-    net = build_model(config.model, in_channels=datamodule.in_channels, num_classes=1, base_width=config.width,
-                      **config.model_options)
+    net = build_model(
+        config.model, in_channels=datamodule.in_channels, num_classes=1, base_width=config.width, **config.model_options
+    )
     resume_from = _prepare_run_dir(config)
     if resume_from is not None:
         meta = _check_resume_matches(resume_from, config)["metrics"]
-        rank_zero_info(f"hepaseg: resuming {resume_from} (saved after epoch {meta['epoch']}, "
-                       f"step {meta['step']}); continuing at epoch {meta['epoch'] + 1}")
+        rank_zero_info(
+            f"hepaseg: resuming {resume_from} (saved after epoch {meta['epoch']}, "
+            f"step {meta['step']}); continuing at epoch {meta['epoch'] + 1}"
+        )
     meta = {
         "model": config.model,
         "model_options": dict(config.model_options),
@@ -193,19 +209,44 @@ def train(config: TrainConfig) -> TrainResult:
     if _is_global_zero():
         write_json_atomic(run / "config.json", {"format": CONFIG_FORMAT, **meta})
     module = SegmentationModule(
-        net, loss, lr=config.lr, weight_decay=config.weight_decay, schedule=config.schedule,
-        warmup_fraction=config.warmup_fraction, min_lr_ratio=config.min_lr_ratio,
-        channels_last=config.channels_last, meta=meta,
+        net,
+        loss,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        schedule=config.schedule,
+        warmup_fraction=config.warmup_fraction,
+        min_lr_ratio=config.min_lr_ratio,
+        channels_last=config.channels_last,
+        meta=meta,
     )
 
     # Two checkpointers: Lightning's save_last only writes when the monitored metric improves, but
     # --resume needs the latest epoch every epoch.
-    checkpointer = ModelCheckpoint(dirpath=run, filename="best", monitor="val_dice", mode="max", save_top_k=1,
-                                   enable_version_counter=False, auto_insert_metric_name=False)
-    last_checkpointer = ModelCheckpoint(dirpath=run, filename="last", monitor=None, save_top_k=1,
-                                        enable_version_counter=False, auto_insert_metric_name=False)
+    checkpointer = ModelCheckpoint(
+        dirpath=run,
+        filename="best",
+        monitor="val_dice",
+        mode="max",
+        save_top_k=1,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
+    last_checkpointer = ModelCheckpoint(
+        dirpath=run,
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
     epoch_timer = _EpochTimer()
-    callbacks: list[Callback] = [checkpointer, last_checkpointer, epoch_timer, DatasetEpoch(), LearningRateMonitor(logging_interval="step")]
+    callbacks: list[Callback] = [
+        checkpointer,
+        last_checkpointer,
+        epoch_timer,
+        DatasetEpoch(),
+        LearningRateMonitor(logging_interval="step"),
+    ]
     if config.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val_dice", mode="max", patience=config.early_stopping_patience))
     timer = None
@@ -260,8 +301,7 @@ def train(config: TrainConfig) -> TrainResult:
         epochs=int(trainer.current_epoch),
         steps=int(trainer.global_step),
         wall_seconds=time.perf_counter() - t0,
-        seconds_per_epoch=(sum(epoch_timer.durations) / len(epoch_timer.durations)) if epoch_timer.durations
-        else None,
+        seconds_per_epoch=(sum(epoch_timer.durations) / len(epoch_timer.durations)) if epoch_timer.durations else None,
         stopped_by_time=stopped_by_time,
         epoch_seconds=list(epoch_timer.durations),
     )
