@@ -149,7 +149,7 @@ def test_default_queries_by_hand():
     probability = np.zeros((40, 100))
     (tq, bq), rules = default_queries(image, probability, tumour)
     assert tq == (20, 20) and "labelled tumour" in rules[0]
-    # Farthest from tumour and air: the best possible min(distance to tumour, distance to air) is
+    # Farthest from tumour, air and edge: the best possible min(distance to tumour, distance to air) is
     # 15 px (row 20 is 15 rows from the air at row 35); check the point by brute force.
     by, bx = bq
     air = np.argwhere(image <= -500)
@@ -160,6 +160,18 @@ def test_default_queries_by_hand():
     probability[10, 70] = 0.9
     (tq, bq), rules = default_queries(image, probability, None)
     assert tq == (10, 70) and "highest predicted" in rules[0] and "no labels" in rules[0]
+
+
+def test_background_query_keeps_away_from_the_image_edge_of_a_cropped_scan():
+    # A crop with no air around the body (like the LiTS-117 sample): the image edge bounds the
+    # body, so the query must not sit on it (it did when only air counted).
+    image = np.full((40, 100), 40.0)
+    yy, xx = np.mgrid[:40, :100]
+    tumour = (yy - 20) ** 2 + (xx - 20) ** 2 <= 9
+    (_, (by, bx)), rules = default_queries(image, np.zeros((40, 100)), tumour)
+    to_edge = min(by + 1, 40 - by, bx + 1, 100 - bx)  # distance to the padded border
+    to_tumour = np.sqrt(((np.argwhere(tumour) - [by, bx]) ** 2).sum(1)).min()
+    assert min(to_edge, to_tumour) >= 19.0 and "image edge" in rules[1]
 
 
 @pytest.mark.parametrize(

@@ -160,12 +160,14 @@ def default_queries(
         body[[0, -1], :] = False
         body[:, [0, -1]] = False
     to_tumour = ndimage.distance_transform_edt(~reference, sampling=spacing_yx)
-    to_air = ndimage.distance_transform_edt(body, sampling=spacing_yx)
+    # Pad with air: the field of view may cut through the body (cropped scans), and a query
+    # on the image edge shows the border, not background tissue.
+    to_air = ndimage.distance_transform_edt(np.pad(body, 1), sampling=spacing_yx)[1:-1, 1:-1]
     score = np.where(body, np.minimum(to_tumour, to_air), -1.0)
     flat = int(np.argmax(score))
     background_point = tuple(int(v) for v in np.unravel_index(flat, score.shape))
     background_rule = (
-        f"inside the body, farthest from tumour and air ({float(score.flat[flat]):.0f} mm from the nearer)"
+        f"inside the body, farthest from tumour, air and the image edge ({float(score.flat[flat]):.0f} mm from the nearer)"
     )
     return [tumour_point, background_point], [tumour_rule, background_rule]  # type: ignore[list-item]
 
