@@ -5,23 +5,30 @@ Each item is one axial slice ``(image, mask)``: image float32 ``(C, H, W)`` in
 Shards are small (a few MB per case), so each case's shard is read once, on
 first use, and kept in memory; DataLoader workers each load what they touch.
 
-Augmentation (``augment=True``, training only) uses MONAI dictionary transforms
-applied jointly to image and mask: random flips along each in-plane axis
-(p = 0.5 each), a random affine (p = 0.5) with rotation in +-15 degrees and
-scaling by 0.85-1.15 along each axis (image bilinear, mask nearest so it stays
-binary, zero padding = the lower end of the HU window), and a random intensity
-shift in +-0.1 (p = 0.5, image only). Randomness is per item: before each item
-the transforms are re-seeded (MONAI ``set_random_state``) from
-``(seed, epoch, index)``, so the same seed, epoch and index always give the same
-augmented sample, whatever the DataLoader worker or access order. Call
+Training-time options, applied in this order to the raw shard item (label
+{0, 1, 2}): synthetic tumours (:class:`hepaseg.data.synthetic.SyntheticTumors`,
+``synthetic_tumors`` = probability per item; painted pixels become tumour),
+then a crop (``crop`` pixels square; with probability ``tumor_crop_fraction``
+centred on a random pixel of the target (tumour) mask, zero-padded where the
+window leaves the slice, so that pixel is exactly the crop's centre pixel
+``(crop // 2, crop // 2)``; otherwise a uniformly placed crop inside the slice;
+slices without target pixels always get the uniform crop), then the MONAI
+augmentation (``augment``: a preset of :mod:`hepaseg.data.augment` -- ``True``
+is ``"basic"``: flips p 0.5 per axis, affine p 0.5 with rotation +-15 degrees
+and scaling 0.85-1.15, intensity shift +-0.1 p 0.5 -- ``"nnunet"`` or
+``False``/``"none"``; ``aug_off`` removes families). Randomness is per item:
+before each item the transforms are re-seeded (MONAI ``set_random_state``) and
+the synthetic-tumour / crop generators are created from ``(seed, epoch,
+index)``, so the same seed, epoch and index always give the same sample,
+whatever the DataLoader worker or access order. Call
 :meth:`SliceDataset.set_epoch` at the start of every epoch (as with
 ``DistributedSampler``) to draw new augmentations each epoch.
 """
 
 from __future__ import annotations
 
-import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,34 +36,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hepaseg.data.augment import build_augmentation, normalize_augment
 from hepaseg.data.prepare import SPLITS, read_manifest
+from hepaseg.data.synthetic import PAPER_DARKENING_HU, SyntheticTumors
 from hepaseg.errors import HepasegError
 
 __all__ = ["TARGETS", "SliceDataset", "build_augmentation"]
 
 TARGETS = ("tumor", "liver")
-
-
-def build_augmentation():
-    """The MONAI training augmentation on ``{"image": (C, H, W), "mask": (1, H, W)}``."""
-    from monai.transforms import Compose, RandAffined, RandFlipd, RandShiftIntensityd
-
-    keys = ("image", "mask")
-    return Compose(
-        [
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
-            RandAffined(
-                keys=keys,
-                prob=0.5,
-                rotate_range=(math.radians(15.0),),
-                scale_range=(0.15, 0.15),  # MONAI scales by 1 + U(-0.15, 0.15) per axis
-                mode=("bilinear", "nearest"),
-                padding_mode="zeros",
-            ),
-            RandShiftIntensityd(keys=("image",), prob=0.5, offsets=0.1),
-        ]
-    )
 
 
 class SliceDataset(Dataset):
@@ -65,9 +52,17 @@ class SliceDataset(Dataset):
     Args:
         root: directory written by :func:`hepaseg.data.prepare` (holds ``manifest.json``).
         split: ``"train"`` (default), ``"val"`` or ``"test"``.
-        augment: apply the random MONAI augmentation (for training only; default False).
+        augment: MONAI augmentation preset (training only): ``False``/``"none"`` (default),
+            ``True``/``"basic"`` or ``"nnunet"`` (see :mod:`hepaseg.data.augment`).
         target: ``"tumor"`` (default; mask = label == 2) or ``"liver"`` (mask = label > 0).
         seed: seed of the augmentation (default 0).
+        aug_off: augmentation families to leave out (``"noise"``, ``"mirror"``, ...).
+        synthetic_tumors: probability per item of painting synthetic tumours (default 0).
+        synthetic_contrast_hu: ``(lo, hi)`` darkening range of the synthetic tumours, HU
+            (default the paper's (65, 145); :func:`hepaseg.data.synthetic.synthetic_calibration`
+            measures one from the data).
+        crop: training crop size in pixels at the prepared resolution (default None: whole slice).
+        tumor_crop_fraction: share of crops centred on a target pixel, in [0, 1] (needs ``crop``).
 
     Attributes:
         manifest: the parsed ``manifest.json``.
@@ -89,9 +84,14 @@ class SliceDataset(Dataset):
         root: str | os.PathLike,
         split: str = "train",
         *,
-        augment: bool = False,
+        augment: bool | str = False,
         target: str = "tumor",
         seed: int = 0,
+        aug_off: Sequence[str] = (),
+        synthetic_tumors: float = 0.0,
+        synthetic_contrast_hu: Sequence[float] = PAPER_DARKENING_HU,
+        crop: int | None = None,
+        tumor_crop_fraction: float = 0.0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
@@ -132,7 +132,31 @@ class SliceDataset(Dataset):
             )
         self.case_ids = list(self._shards)
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._augment = build_augmentation() if augment else None
+        self.augment = normalize_augment(augment)
+        self._augment = build_augmentation(self.augment, off=aug_off, window=self.options["window"])
+
+        size = int(self.options["size"])
+        if crop is not None and not (isinstance(crop, int) and 0 < crop <= size):
+            raise ValueError(f"crop: expected an integer in [1, {size}] (the prepared size) or None, got {crop!r}")
+        if not 0.0 <= float(tumor_crop_fraction) <= 1.0:
+            raise ValueError(f"tumor_crop_fraction: expected a fraction in [0, 1], got {tumor_crop_fraction!r}")
+        if tumor_crop_fraction and crop is None:
+            raise ValueError("tumor_crop_fraction: needs crop (a crop size in pixels), got crop=None")
+        self.crop, self.tumor_crop_fraction = crop, float(tumor_crop_fraction)
+        self._synthetic = None
+        if synthetic_tumors:
+            self._synthetic = SyntheticTumors(
+                float(synthetic_tumors), window=self.options["window"], contrast_hu=synthetic_contrast_hu
+            )
+            # Pixel size at the prepared resolution: original spacing * original size / prepared size.
+            self._geometry = {
+                c["id"]: (
+                    (c["spacing"][1] * c["shape"][1] / size, c["spacing"][2] * c["shape"][2] / size),
+                    float(c["spacing"][0]),
+                )
+                for c in self.manifest["cases"]
+                if c["id"] in self._shards
+            }
 
     def __len__(self) -> int:
         return len(self.slice_keys)
@@ -162,13 +186,38 @@ class SliceDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} slices")
         case_id, row = self._rows[index]
         images, labels = self._load(case_id)
-        image = torch.from_numpy(images[row].astype(np.float32))  # (C, H, W)
+        image_np = images[row].astype(np.float32)  # (C, H, W), a copy
         label = labels[row]
+        if self._synthetic is not None:
+            pixel_mm, slice_mm = self._geometry[case_id]
+            rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+            image_np, label = self._synthetic(image_np, label, rng, pixel_mm=pixel_mm, slice_mm=slice_mm)
         hit = label == 2 if self.target == "tumor" else label > 0
+        if self.crop is not None:
+            image_np, hit = self._cropped(image_np, hit, np.random.default_rng([self.seed, self.epoch, index, 2]))
+        image = torch.from_numpy(np.ascontiguousarray(image_np))
         mask = torch.from_numpy(hit.astype(np.float32))[None]  # (1, H, W)
         if self._augment is not None:
             image, mask = self._augmented(image, mask, index)
         return image, mask
+
+    def _cropped(self, image: np.ndarray, hit: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A ``crop x crop`` window: centred on a random target pixel (p = tumor_crop_fraction) or uniform."""
+        n, (h, w) = self.crop, hit.shape
+        centred = rng.random() < self.tumor_crop_fraction
+        if centred and hit.any():
+            ys, xs = np.nonzero(hit)
+            pick = int(rng.integers(len(ys)))
+            top, left = int(ys[pick]) - n // 2, int(xs[pick]) - n // 2
+            # Zero-pad (0 = the window's lower end, background) so the picked pixel is the exact centre.
+            pad = max(0, -top, -left, top + n - h, left + n - w)
+            if pad:
+                image = np.pad(image, ((0, 0), (pad, pad), (pad, pad)))
+                hit = np.pad(hit, pad)
+                top, left = top + pad, left + pad
+        else:
+            top, left = int(rng.integers(h - n + 1)), int(rng.integers(w - n + 1))
+        return image[:, top : top + n, left : left + n], hit[top : top + n, left : left + n]
 
     def _augmented(
         self, image: torch.Tensor, mask: torch.Tensor, index: int

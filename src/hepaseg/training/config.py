@@ -40,10 +40,10 @@ class TrainConfig:
     out: str  # run directory: config.json, best.ckpt, last.ckpt, logs/
     width: int = 64  # base_width: channels of the first level (64 as in the papers)
     model_options: dict[str, Any] = field(default_factory=dict)  # architecture options of that model
-    target: str = "tumor"  # which label the SliceDataset turns into the binary mask
+    target: str | None = None  # tumor | liver: the binary mask trained; None: the dataset's prepared target
 
     # --- optimisation ---------------------------------------------------------------------
-    loss: str = "dice_bce"  # dice_bce | focal | tversky (see training.losses)
+    loss: str = "dice_bce"  # dice_bce | focal | tversky | dice_topk (see training.losses)
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
     schedule: str = "cosine"  # cosine | poly (power 0.9), per optimizer step, after warm-up
@@ -55,7 +55,14 @@ class TrainConfig:
     early_stopping_patience: int | None = None  # epochs without a val_dice gain; None = off
 
     # --- data loading ---------------------------------------------------------------------
-    augment: bool = True  # the dataset's training augmentation (never on validation)
+    augment: bool | str = True  # augmentation preset (never on validation): True = "basic", False = "none",
+    # or "nnunet" (data.augment); "basic"/"none" are stored as True/False
+    aug_off: list[str] = field(default_factory=list)  # augmentation families left out (ablations)
+    synthetic_tumors: float = 0.0  # probability per training item of painting synthetic tumours
+    synthetic_contrast_hu: list[float] | None = None  # darkening range [lo, hi] HU; None: calibrated at
+    # train start from the train split (data.synthetic.synthetic_calibration), then stored here
+    crop: int | None = None  # training crop size in prepared pixels; None = whole slices
+    tumor_crop_fraction: float = 0.0  # share of training crops centred on a random tumour pixel
     num_workers: int = 0  # DataLoader worker processes per device
 
     # --- numerics and reproducibility -----------------------------------------------------
@@ -94,10 +101,19 @@ class TrainConfig:
             ("--precision", self.precision, self.precision is None or self.precision in PRECISIONS,
              ", ".join(PRECISIONS)),
             ("--num-nodes", self.num_nodes, self.num_nodes > 0, "a positive integer"),
+            ("target", self.target, self.target in (None, "tumor", "liver"), "tumor or liver"),
+        ]
+        checks += [
+            ("--synthetic-tumors", self.synthetic_tumors, 0 <= self.synthetic_tumors <= 1, "a probability in [0, 1]"),
+            ("--crop", self.crop, self.crop is None or (isinstance(self.crop, int) and self.crop > 0),
+             "a positive integer (pixels)"),
+            ("--tumor-crop-fraction", self.tumor_crop_fraction, 0 <= self.tumor_crop_fraction <= 1,
+             "a fraction in [0, 1]"),
         ]
         for option, value, ok, expected in checks:
             if not ok:
                 raise HepasegError(f"{option}: invalid value: expected {expected}, got {value!r}")
+        self._check_augmentation()
         if self.precision is not None:
             self.precision = PRECISIONS[self.precision]
         if isinstance(self.devices, str) and self.devices.isdigit():
@@ -105,6 +121,31 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise HepasegError("--resume and --overwrite: both given: expected at most one. "
                                "Resume continues RUN/last.ckpt, overwrite deletes the run")
+
+    def _check_augmentation(self) -> None:
+        from hepaseg.data.augment import AUGMENT_FAMILIES, normalize_augment
+
+        try:
+            preset = normalize_augment(self.augment)
+        except ValueError:
+            raise HepasegError(
+                f"--augment: invalid value: expected basic, nnunet or none, got {self.augment!r}"
+            ) from None
+        # basic/none stay booleans, as in configs written before presets existed.
+        self.augment = {"basic": True, "none": False}.get(preset, preset)
+        self.aug_off = list(self.aug_off or [])
+        bad = [f for f in self.aug_off if f not in AUGMENT_FAMILIES]
+        if bad:
+            raise HepasegError(f"--no-aug: unknown augmentation family {bad[0]!r}: expected one of "
+                               f"{', '.join(AUGMENT_FAMILIES)}")
+        if self.tumor_crop_fraction and self.crop is None:
+            raise HepasegError(f"--tumor-crop-fraction: {self.tumor_crop_fraction} needs --crop: expected a crop "
+                               "size in pixels, got none. Add --crop N (e.g. 160)")
+        if self.synthetic_contrast_hu is not None:
+            values = list(self.synthetic_contrast_hu)
+            if len(values) != 2 or not 0 <= values[0] <= values[1]:
+                raise HepasegError(f"synthetic_contrast_hu: expected [lo, hi] HU with 0 <= lo <= hi, got {values!r}")
+            self.synthetic_contrast_hu = [float(v) for v in values]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (what config.json and checkpoints store)."""

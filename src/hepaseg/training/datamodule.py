@@ -28,12 +28,15 @@ class SliceDataModule(L.LightningDataModule):
         batch_size: slices per batch and device.
         num_workers: DataLoader worker processes (0 = load in the main process).
         augment: training augmentation of the dataset (validation never augments).
-        target: label turned into the binary mask (``"tumor"``).
+        target: label turned into the binary mask: ``"tumor"`` or ``"liver"``; ``None`` (default)
+            takes the dataset's prepared target (manifest ``options.target``, ``"tumor"`` when absent),
+            so a dataset prepared with ``--target liver`` trains a liver stage.
         seed: seeds the shuffling order and the augmentation.
 
     Attributes (after :meth:`setup`): ``train_set``, ``val_set``, ``in_channels``
     (``2K + 1`` with ``K`` context slices) and ``data_options`` (plain dict stored
-    in checkpoints: window, size, context_slices, slices, target).
+    in checkpoints: window, size, context_slices, slices, target, and roi + roi_margin_mm for
+    liver-cropped datasets).
     """
 
     def __init__(
@@ -42,15 +45,19 @@ class SliceDataModule(L.LightningDataModule):
         *,
         batch_size: int = 8,
         num_workers: int = 0,
-        augment: bool = True,
-        target: str = "tumor",
+        augment: bool | str = True,
+        target: str | None = None,
         seed: int = 0,
+        train_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.train_options = dict(train_options or {})
         self.root = Path(root)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.augment, self.target, self.seed = augment, target, seed
         self.manifest = read_manifest(self.root)
+        if target is None:
+            self.target = self.manifest.get("options", {}).get("target") or "tumor"
         for split in ("train", "val"):
             if not any(c.get("split") == split for c in self.manifest.get("cases", [])):
                 raise HepasegError(
@@ -63,7 +70,9 @@ class SliceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:  # train() sets up early to learn in_channels
             return
-        self.train_set = SliceDataset(self.root, "train", augment=self.augment, target=self.target, seed=self.seed)
+        self.train_set = SliceDataset(
+            self.root, "train", augment=self.augment, target=self.target, seed=self.seed, **self.train_options
+        )
         self.val_set = SliceDataset(self.root, "val", augment=False, target=self.target, seed=self.seed)
 
     @property
@@ -74,7 +83,12 @@ class SliceDataModule(L.LightningDataModule):
     def data_options(self) -> dict[str, Any]:
         options = dict(self.manifest.get("options", {}))
         keep = ("window", "size", "context_slices", "slices")
-        return {**{k: options.get(k) for k in keep}, "target": self.target}
+        data_options = {**{k: options.get(k) for k in keep}, "target": self.target}
+        if options.get("roi") is not None:
+            # The tumour stage of a cascade must see, at inference, the liver crop it was trained on
+            # (hepaseg.inference.cascade). Absent for whole-slice datasets, as in older checkpoints.
+            data_options.update(roi=options["roi"], roi_margin_mm=options.get("roi_margin_mm"))
+        return data_options
 
     def train_dataloader(self) -> DataLoader:
         # drop_last avoids a last batch of one slice (BatchNorm cannot train on one value per channel

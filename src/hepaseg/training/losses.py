@@ -10,10 +10,12 @@ hold no tumour; a per-slice soft Dice on an empty slice is decided by the
 smoothing constant alone, whereas the batch sum weights every pixel equally.
 
 Names for :func:`build_loss` (and ``hepaseg train --loss``): ``dice_bce``
-(default), ``focal``, ``tversky``.
+(default), ``focal``, ``tversky``, ``dice_topk`` (nnU-Net's ``DC_and_topk_loss``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,17 @@ from torch import nn
 
 from hepaseg.errors import HepasegError
 
-__all__ = ["LOSSES", "DiceBCELoss", "FocalLoss", "TverskyLoss", "build_loss", "soft_dice_loss", "tversky_loss"]
+__all__ = [
+    "LOSSES",
+    "DiceBCELoss",
+    "DiceTopKLoss",
+    "FocalLoss",
+    "TverskyLoss",
+    "build_loss",
+    "soft_dice_loss",
+    "topk_bce",
+    "tversky_loss",
+]
 
 
 def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -83,6 +95,50 @@ class DiceBCELoss(nn.Module):
         return self.dice_weight * soft_dice_loss(logits, target, smooth=self.smooth) + self.bce_weight * bce
 
 
+def topk_bce(logits: torch.Tensor, target: torch.Tensor, *, k: float = 10.0) -> torch.Tensor:
+    """Mean binary cross-entropy of the ``k`` % hardest pixels of the whole batch (nnU-Net's ``TopKLoss``).
+
+    Args:
+        logits: ``(N, 1, H, W)`` raw scores.
+        target: ``(N, 1, H, W)`` in {0, 1}.
+        k: percentage of pixels kept, in (0, 100]; ``ceil(k / 100 * pixels)`` is kept
+            (nnU-Net uses ``int(...)``, which can keep none on tiny inputs).
+
+    Returns a scalar: the mean of the largest per-pixel BCE values.
+    """
+    _check(logits, target)
+    if not 0 < k <= 100:
+        raise ValueError(f"k: expected a percentage in (0, 100], got {k}")
+    ce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").flatten()
+    n = max(1, math.ceil(ce.numel() * k / 100))
+    return ce.topk(n, sorted=False).values.mean()
+
+
+class DiceTopKLoss(nn.Module):
+    """``dice_weight * soft Dice + topk_weight * top-k BCE`` (nnU-Net's ``DC_and_topk_loss``, k = 10 %).
+
+    The top-k term ignores the many easy background pixels and spends the
+    cross-entropy gradient on the hardest ``k`` % (tumour borders, small lesions).
+
+    Args:
+        k: percentage of the batch's pixels in the cross-entropy term (default 10).
+        dice_weight: weight of the batch soft Dice loss (default 1).
+        topk_weight: weight of the top-k BCE (default 1).
+        smooth: Dice smoothing in pixels (default 1).
+    """
+
+    def __init__(self, *, k: float = 10.0, dice_weight: float = 1.0, topk_weight: float = 1.0,
+                 smooth: float = 1.0) -> None:
+        super().__init__()
+        if not 0 < k <= 100:
+            raise ValueError(f"k: expected a percentage in (0, 100], got {k}")
+        self.k, self.dice_weight, self.topk_weight, self.smooth = k, dice_weight, topk_weight, smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        dice = soft_dice_loss(logits, target, smooth=self.smooth)
+        return self.dice_weight * dice + self.topk_weight * topk_bce(logits, target, k=self.k)
+
+
 class FocalLoss(nn.Module):
     """Focal loss (Lin et al., ICCV 2017): ``mean(-a_t (1 - p_t)^gamma log p_t)``.
 
@@ -131,7 +187,12 @@ class TverskyLoss(nn.Module):
         return tversky_loss(logits, target, alpha=self.alpha, beta=self.beta, smooth=self.smooth)
 
 
-LOSSES: dict[str, type[nn.Module]] = {"dice_bce": DiceBCELoss, "focal": FocalLoss, "tversky": TverskyLoss}
+LOSSES: dict[str, type[nn.Module]] = {
+    "dice_bce": DiceBCELoss,
+    "focal": FocalLoss,
+    "tversky": TverskyLoss,
+    "dice_topk": DiceTopKLoss,
+}
 
 
 def build_loss(name: str, **options) -> nn.Module:

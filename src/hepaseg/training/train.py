@@ -41,6 +41,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from hepaseg.data.prepare import read_manifest
 from hepaseg.errors import HepasegError
 from hepaseg.io.atomic import write_json_atomic
 from hepaseg.training.checkpoint import AtomicCheckpointIO, read_checkpoint
@@ -108,7 +109,14 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     channels_last = config.channels_last
     if channels_last is None:
         channels_last = on_cpu and precision == "bf16-mixed"
-    return TrainConfig.from_dict({**config.to_dict(), "precision": precision, "channels_last": channels_last})
+    target = config.target
+    if target is None and (Path(config.data) / "manifest.json").is_file():
+        # The prepared target: a `prepare --target liver` dataset trains a liver stage. (Without a
+        # manifest the data module raises the clear error; callers probing precision get None.)
+        target = read_manifest(config.data).get("options", {}).get("target") or "tumor"
+    return TrainConfig.from_dict(
+        {**config.to_dict(), "precision": precision, "channels_last": channels_last, "target": target}
+    )
 
 
 def _prepare_run_dir(config: TrainConfig) -> Path | None:
@@ -148,6 +156,48 @@ def _check_resume_matches(path: Path, config: TrainConfig) -> dict[str, Any]:
     return meta
 
 
+def _calibrate_synthetic(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """Fill ``synthetic_contrast_hu`` from the train split when synthetic tumours are on and it is unset.
+
+    The tumour-to-liver contrast of the train cases sets the darkening range
+    (:func:`hepaseg.data.synthetic.synthetic_calibration`); without tumour labels (label-free
+    training on cases prepared with ``--slices liver``) it is the paper's 65-145 HU.
+    Returns the config (with the range stored) and the calibration record (None when off or given).
+    """
+    from hepaseg.data.prepare import read_manifest
+    from hepaseg.data.synthetic import synthetic_calibration
+
+    if config.crop is not None:
+        size = int(read_manifest(config.data)["options"]["size"])
+        if config.crop > size:
+            raise HepasegError(f"--crop: {config.crop} pixels is larger than the prepared slices: expected at most "
+                               f"{size} (the --size of `hepaseg prepare`). Use a smaller --crop")
+    if not config.synthetic_tumors or config.synthetic_contrast_hu is not None:
+        return config, None
+    calibration = synthetic_calibration(config.data, split="train")
+    contrast = calibration["contrast_hu"]
+    rank_zero_info(
+        f"hepaseg: synthetic tumours darken by {calibration['darkening_hu'][0]:.0f}-"
+        f"{calibration['darkening_hu'][1]:.0f} HU ({calibration['source']}; tumour-to-liver contrast "
+        f"{'n/a' if contrast is None else f'{contrast:.1f}'} HU)"
+    )
+    values = {**config.to_dict(), "synthetic_contrast_hu": [float(v) for v in calibration["darkening_hu"]]}
+    return TrainConfig.from_dict(values), calibration
+
+
+def _train_options(config: TrainConfig) -> dict[str, Any]:
+    """The training-only SliceDataset options of ``config``."""
+    options: dict[str, Any] = {
+        "aug_off": tuple(config.aug_off),
+        "crop": config.crop,
+        "tumor_crop_fraction": config.tumor_crop_fraction,
+    }
+    if config.synthetic_tumors:
+        options["synthetic_tumors"] = config.synthetic_tumors
+        options["synthetic_contrast_hu"] = tuple(config.synthetic_contrast_hu)
+    return options
+
+
 class _EpochTimer(Callback):
     """Wall time of each training epoch (train + validation) of this invocation."""
 
@@ -176,6 +226,7 @@ def train(config: TrainConfig) -> TrainResult:
     config = resolve_config(config)
     run = Path(config.out)
     # Validate everything (data, loss, model and its options) before touching the run directory.
+    config, calibration = _calibrate_synthetic(config)
     datamodule = SliceDataModule(
         config.data,
         batch_size=config.batch_size,
@@ -183,6 +234,7 @@ def train(config: TrainConfig) -> TrainResult:
         augment=config.augment,
         target=config.target,
         seed=config.seed,
+        train_options=_train_options(config),
     )
     loss = build_loss(config.loss)
     L.seed_everything(config.seed, workers=True, verbose=False)  # before the network draws its weights
@@ -206,6 +258,8 @@ def train(config: TrainConfig) -> TrainResult:
         "data_options": datamodule.data_options,
         "config": config.to_dict(),
     }
+    if calibration is not None:
+        meta["synthetic_calibration"] = calibration
     if _is_global_zero():
         write_json_atomic(run / "config.json", {"format": CONFIG_FORMAT, **meta})
     module = SegmentationModule(
