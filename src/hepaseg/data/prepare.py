@@ -16,7 +16,9 @@ Prepared dataset format (``hepaseg-slices/1``)
       "n_slices": <total slices written>,
       "options": {"window": [lo, hi], "size": 224, "slices": "tumor" | "liver" | "all",
                   "context_slices": K, "split": [0.7, 0.1, 0.2] or null,
-                  "split_file": path or null, "seed": S, "z_split": null or {...}},
+                  "split_file": path or null, "seed": S, "z_split": null or {...},
+                  "target": "liver"            (only with --target liver; absent = "tumor"),
+                  "roi": "liver", "roi_margin_mm": 10.0   (only with --roi liver; absent = whole slices)},
       "demo_z_split": false,          # true when z_split was used: NOT a patient-level split
       "cases": [ {"id": "ircadb-1.1", "source": "...", "kind": "ircadb",
                   "shape": [z, y, x], "spacing": [z, y, x] (mm),
@@ -24,6 +26,7 @@ Prepared dataset format (``hepaseg-slices/1``)
                   "tumor_pixels": <label == 2 pixels at the prepared size>,
                   "liver_pixels": <label > 0 pixels (liver incl. tumour) at the prepared size>,
                   "has_label": true (false: unlabelled source, --slices all; label is all 0),
+                  "crop_box": null, or with --roi liver [y0, y1, x0, x1] (see below),
                   "split": "train" | "val" | "test", "shard": "cases/ircadb-1.1.npz"} ]
     }
     DIR/cases/<id>.npz  (numpy.savez_compressed):
@@ -53,6 +56,25 @@ Preprocessing (inference must do the same; use :func:`preprocess_image`,
 4. Context: ``context_slices = K`` stores the K neighbours on each side as
    channels (``2K + 1`` channels, slice ``z + j - K`` in channel ``j``); at the
    volume's ends the border slice is repeated.
+
+Targets and the liver ROI (the liver-first cascade, :mod:`hepaseg.inference.cascade`)
+----------------------------------------------------------------------------------
+``target="liver"`` (``--target liver``) prepares data for a LIVER stage: the
+manifest records ``target: "liver"``, training turns ``label > 0`` into the mask,
+and ``slices`` defaults to ``all`` (slices with and without liver, so the
+network learns where the liver is not). ``target="tumor"`` (default) keeps
+``slices="tumor"``, the paper's protocol.
+
+``roi="liver"`` (``--roi liver --roi-margin MM``, tumour target only) crops every
+kept slice of a case, BEFORE step 2, to one square box per volume around the
+labelled liver (label > 0) grown by ``roi_margin_mm`` (default 10 mm): see
+:func:`hepaseg.data.roi.liver_crop_box` for the exact rule, which the cascade
+applies to the predicted liver at inference. The case records that box as
+``crop_box: [y0, y1, x0, x1]`` (half-open, original pixel coordinates; square;
+outside the image only when the box is larger than the image, where the crop
+reads -1024 HU and label 0). A crop of side ``s`` is resized ``s -> size``, so a
+``size x size`` prediction maps back to the box by a resize ``size -> s``.
+Labelled cases without liver keep no slices (``crop_box: null``).
 
 Splits are by PATIENT, never by slice
 -------------------------------------
@@ -102,6 +124,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hepaseg import __version__
+from hepaseg.data.roi import ROI_MODES, crop_slices, liver_crop_box
 from hepaseg.errors import HepasegError
 from hepaseg.io import find_cases, read_volume
 from hepaseg.io.atomic import write_json_atomic
@@ -109,6 +132,7 @@ from hepaseg.io.volume import LABEL_TUMOR, Volume
 
 __all__ = [
     "FORMAT",
+    "PREPARE_TARGETS",
     "SLICE_MODES",
     "SPLITS",
     "is_prepared_dir",
@@ -125,6 +149,7 @@ __all__ = [
 FORMAT = "hepaseg-slices/1"
 SPLITS = ("train", "val", "test")
 SLICE_MODES = ("tumor", "liver", "all")
+PREPARE_TARGETS = ("tumor", "liver")  # the same as hepaseg.data.dataset.TARGETS (which imports this module)
 _CHUNK = 32  # slices resized at once: bounds memory for 512 x 512 x 900 volumes
 
 
@@ -408,9 +433,12 @@ def _z_blocks(n_z: int, fractions: Sequence[float], gap: int, where: str) -> dic
 
 
 def _process_volume(
-    vol: Volume, keep: np.ndarray, *, window, size: int, context_slices: int
+    vol: Volume, keep: np.ndarray, *, window, size: int, context_slices: int, box: Sequence[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocess only the slices needed for ``keep`` (and their context): image (n, 2K+1, S, S), label (n, S, S)."""
+    """Preprocess only the slices needed for ``keep`` (and their context): image (n, 2K+1, S, S), label (n, S, S).
+
+    With ``box`` (``roi="liver"``), every slice is first cropped to it (:func:`crop_slices`).
+    """
     n_z = vol.image.shape[0]
     if keep.size == 0:
         return (
@@ -419,11 +447,20 @@ def _process_volume(
         )
     offsets = np.arange(-context_slices, context_slices + 1)
     needed = np.unique(np.clip(keep[:, None] + offsets[None, :], 0, n_z - 1))
-    pre = preprocess_image(vol.image, window=window, size=size, indices=needed)  # (m, S, S)
+    if box is None:
+        pre = preprocess_image(vol.image, window=window, size=size, indices=needed)  # (m, S, S)
+    else:
+        # Crop chunk by chunk, like preprocess_image, so a long volume is never copied whole.
+        pre = np.concatenate([
+            preprocess_image(crop_slices(vol.image, box, indices=needed[i : i + _CHUNK]), window=window, size=size)
+            for i in range(0, needed.size, _CHUNK)
+        ])
     # Map original z -> row of ``pre``; stack_context on the compact array via searchsorted.
     gather = np.searchsorted(needed, np.clip(keep[:, None] + offsets[None, :], 0, n_z - 1))
     image = pre[gather].astype(np.float16)  # (n, 2K+1, S, S)
-    if vol.label is not None:
+    if vol.label is not None and box is not None:
+        label = resize_label(crop_slices(vol.label, box, indices=keep, fill=0), size=size)
+    elif vol.label is not None:
         label = resize_label(vol.label[keep], size=size)
     else:
         label = np.zeros((keep.size, size, size), np.uint8)
@@ -476,12 +513,15 @@ def prepare(
     *,
     window: tuple[float, float] = (-200.0, 250.0),
     size: int = 224,
-    slices: str = "tumor",
+    slices: str | None = None,
     context_slices: int = 0,
     split: Sequence[float] | None = (0.7, 0.1, 0.2),
     seed: int = 0,
     split_file: str | os.PathLike | None = None,
     z_split: Sequence[float] | dict | None = None,
+    target: str = "tumor",
+    roi: str | None = None,
+    roi_margin_mm: float = 10.0,
     overwrite: bool = False,
     progress: bool = True,
     console: Console | None = None,
@@ -494,13 +534,18 @@ def prepare(
         out: output directory: new, empty, or (with ``overwrite``) a previous output.
         window: HU window ``(lo, hi)``, ``lo < hi`` (default ``(-200, 250)``).
         size: slice size in pixels after resizing, > 0 (default 224).
-        slices: ``tumor`` (default) | ``liver`` | ``all``.
+        slices: ``tumor`` | ``liver`` | ``all``; default ``tumor``, or ``all`` with ``target="liver"``.
         context_slices: ``K >= 0`` neighbours each side stored as channels (default 0).
         split: ``(train, val, test)`` fractions summing to 1 (default ``(0.7, 0.1, 0.2)``);
             ignored when ``split_file`` or ``z_split`` is given.
         seed: seed of the patient shuffle (default 0).
         split_file: JSON ``{"train": [ids], "val": [...], "test": [...]}`` naming every case.
         z_split: demo only, one volume: three fractions, or ``{"fractions": [...], "gap": g}``.
+        target: ``"tumor"`` (default) or ``"liver"`` (a liver stage: mask = label > 0); recorded
+            in the manifest and copied into checkpoints.
+        roi: None (default: whole slices) or ``"liver"``: crop each case to its liver box
+            (tumour target only; see the module docstring).
+        roi_margin_mm: margin of the liver box in mm, >= 0 (default 10).
         overwrite: replace a previous prepare output at ``out``.
         progress: show a progress bar over volumes.
         console: where the progress bar and summary table go (default: stdout).
@@ -513,6 +558,23 @@ def prepare(
             cases, unknown split ids, or an ``out`` that is not ours. On any error
             nothing is left at ``out`` (a previous output is kept as it was).
     """
+    if target not in PREPARE_TARGETS:
+        raise HepasegError(f"--target: expected one of {', '.join(PREPARE_TARGETS)}, got {target!r}.")
+    if roi is not None and roi not in ROI_MODES:
+        raise HepasegError(f"--roi: expected one of {', '.join(ROI_MODES)} (or none), got {roi!r}.")
+    if roi is not None and target == "liver":
+        raise HepasegError(
+            "--roi liver with --target liver: expected whole slices for the liver stage (it must find the liver "
+            "itself). Drop --roi for the liver stage; use --roi liver for the tumour stage."
+        )
+    try:
+        roi_margin_mm = float(roi_margin_mm)
+    except (TypeError, ValueError):
+        roi_margin_mm = math.nan
+    if not (math.isfinite(roi_margin_mm) and roi_margin_mm >= 0):
+        raise HepasegError(f"--roi-margin: expected a margin >= 0 in mm, got {roi_margin_mm!r}. Example: 10.")
+    if slices is None:
+        slices = "all" if target == "liver" else "tumor"
     (lo, hi), fractions, z_opts = _check_options(window, size, slices, context_slices, split, z_split, split_file)
     out = Path(out)
     replace_previous = _check_out(out, overwrite)
@@ -567,6 +629,16 @@ def prepare(
                 keep_all = (
                     np.arange(vol.image.shape[0]) if slices == "all" else select_slices(vol.label, slices, where=where)
                 )
+                box = None
+                if roi is not None:
+                    if vol.label is None:
+                        raise HepasegError(
+                            f"{path}: has no label map but --roi liver crops to the labelled liver: expected a "
+                            "labelled case. Drop --roi, or remove unlabelled cases from the sources."
+                        )
+                    box = liver_crop_box(vol.label > 0, vol.spacing, margin_mm=roi_margin_mm)
+                    if box is None:  # no liver: nothing to crop to, so no slice of this case is kept
+                        keep_all = keep_all[:0]
                 if z_opts is not None:
                     blocks = _z_blocks(vol.image.shape[0], z_opts["fractions"], z_opts["gap"], where)
                     parts = [
@@ -575,7 +647,9 @@ def prepare(
                 else:
                     parts = [(vol.case_id, None, keep_all)]
                 for case_id, block_split, keep in parts:
-                    image, label = _process_volume(vol, keep, window=(lo, hi), size=size, context_slices=context_slices)
+                    image, label = _process_volume(
+                        vol, keep, window=(lo, hi), size=size, context_slices=context_slices, box=box
+                    )
                     shard = f"cases/{_safe_name(case_id)}.npz"
                     np.savez_compressed(tmp / shard, image=image, label=label, slice_index=keep.astype(np.int32))
                     cases.append(
@@ -590,6 +664,7 @@ def prepare(
                             "tumor_pixels": int((label == LABEL_TUMOR).sum()),
                             "liver_pixels": int((label > 0).sum()),
                             "has_label": vol.label is not None,
+                            "crop_box": None if box is None else [int(b) for b in box],
                             "split": block_split,
                             "shard": shard,
                         }
@@ -631,6 +706,9 @@ def prepare(
                 "split_file": str(split_path) if split_path is not None else None,
                 "seed": seed,
                 "z_split": z_opts,
+                # Only when not the defaults, so whole-slice tumour manifests read as before the cascade.
+                **({"target": target} if target != "tumor" else {}),
+                **({"roi": roi, "roi_margin_mm": roi_margin_mm} if roi is not None else {}),
             },
             "demo_z_split": z_opts is not None,
             "cases": cases,

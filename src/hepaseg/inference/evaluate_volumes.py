@@ -11,6 +11,11 @@ below ``evaluation`` in the package chain.
 
 Outputs in ``out`` (written atomically): ``volumes.json`` (summary + per-case rows + options)
 and ``volumes.csv`` (one line per case).
+
+With ``liver_checkpoint`` the liver-first cascade (:mod:`hepaseg.inference.cascade`) predicts
+each case, exactly as ``hepaseg predict --liver-checkpoint`` does, and both stages are scored:
+the tumour as above, the liver (largest component) against ``label > 0`` in the ``liver_*``
+columns (:data:`LIVER_CSV_COLUMNS`) and a ``summary["liver"]`` section.
 """
 
 from __future__ import annotations
@@ -30,17 +35,23 @@ from hepaseg import __version__
 from hepaseg.errors import HepasegError
 from hepaseg.evaluation.evaluate import json_safe
 from hepaseg.evaluation.metrics import global_dice, volume_metrics
+from hepaseg.inference.cascade import check_cascade, predict_cascade, require_liver_stage
 from hepaseg.inference.predictor import predict_volume
 from hepaseg.io import find_cases, read_volume
 from hepaseg.io.atomic import atomic_path, write_json_atomic
 from hepaseg.io.volume import LABEL_TUMOR
 
-__all__ = ["VOLUME_CSV_COLUMNS", "VolumeEvaluationResult", "evaluate_volumes"]
+__all__ = ["LIVER_CSV_COLUMNS", "VOLUME_CSV_COLUMNS", "VolumeEvaluationResult", "evaluate_volumes"]
 
 #: Columns of ``volumes.csv``: distances in mm, fractions in [0, 1], counts in voxels.
 VOLUME_CSV_COLUMNS = (
     "case", "source", "dice", "jaccard", "rvd", "assd", "hd95", "hausdorff",
     "intersection", "pred_voxels", "target_voxels", "spacing_z", "spacing_y", "spacing_x", "seconds",
+)
+#: Columns added (after those) with a liver stage: the liver's metrics vs label > 0, and warnings.
+LIVER_CSV_COLUMNS = (
+    "liver_dice", "liver_jaccard", "liver_rvd", "liver_assd", "liver_hd95", "liver_hausdorff",
+    "liver_intersection", "liver_pred_voxels", "liver_target_voxels", "warnings",
 )
 
 
@@ -51,7 +62,8 @@ class VolumeEvaluationResult:
     ``summary``: ``n_cases``, ``dice_per_case`` (mean of per-case Dice), ``dice_global``
     (LiTS pooled Dice), means of ``jaccard``, ``assd``, ``hd95``, ``hausdorff`` (mm) over all
     cases, and ``rvd`` (mean signed RVD over the cases whose reference has a tumour;
-    ``n_cases_with_tumor`` of them).
+    ``n_cases_with_tumor`` of them). With a liver stage, ``summary["liver"]`` holds the same
+    keys (but ``n_cases_with_tumor``) for the liver, and ``liver_checkpoint`` is set.
     """
 
     model_name: str
@@ -62,6 +74,7 @@ class VolumeEvaluationResult:
     options: dict[str, Any]
     out_dir: Path | None = None
     paths: dict[str, Path] = field(default_factory=dict)
+    liver_checkpoint: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
         return json_safe({
@@ -69,6 +82,7 @@ class VolumeEvaluationResult:
             "hepaseg_version": __version__,
             "model": self.model_name,
             "checkpoint": str(self.checkpoint),
+            "liver_checkpoint": None if self.liver_checkpoint is None else str(self.liver_checkpoint),
             "options": self.options,
             "summary": self.summary,
             "cases": self.rows,
@@ -90,6 +104,7 @@ def evaluate_volumes(
     device: str | None = "cpu",
     out: str | os.PathLike | None = None,
     progress: bool = False,
+    liver_checkpoint: str | os.PathLike | None = None,
 ) -> VolumeEvaluationResult:
     """Predict each labelled case of ``sources`` and score it in 3D (distances in mm).
 
@@ -105,17 +120,28 @@ def evaluate_volumes(
         out: directory for ``volumes.json`` and ``volumes.csv`` (default
             ``<checkpoint dir>/eval-volumes/``).
         progress: show a progress bar per case (stderr).
+        liver_checkpoint: a liver-stage checkpoint: predict with the cascade and score both stages
+            (required for a tumour checkpoint trained with ``roi == "liver"``).
 
     Returns:
         A :class:`VolumeEvaluationResult`; rows hold :func:`volume_metrics` of each case
         (tumour = label 2 vs. the predicted mask), its spacing (mm) and prediction seconds.
 
     Raises:
-        HepasegError: missing sources, unreadable cases, no labelled case, a bad checkpoint.
+        HepasegError: missing sources, unreadable cases, no labelled case, a bad checkpoint, a
+            liver-cropped tumour checkpoint without ``liver_checkpoint``, or two checkpoints that
+            do not form a cascade.
     """
     from hepaseg.training import load_checkpoint
 
     loaded = load_checkpoint(checkpoint)
+    liver = None
+    if liver_checkpoint is None:
+        require_liver_stage(loaded.data_options, source=f"--checkpoint {checkpoint}")
+    else:
+        liver = load_checkpoint(liver_checkpoint)
+        check_cascade(liver.data_options, loaded.data_options, liver_source=f"--liver-checkpoint {liver_checkpoint}",
+                      tumor_source=f"--checkpoint {checkpoint}")
     cases = find_cases(list(sources))
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -125,13 +151,25 @@ def evaluate_volumes(
             skipped.append(volume.case_id)
             continue
         t0 = time.perf_counter()
-        pred = predict_volume(loaded.model, volume, loaded.data_options, batch=batch, tta=tta,
-                              threshold=threshold, device=device, precision="fp32", progress=progress)
+        cascade = None
+        if liver is None:
+            pred = predict_volume(loaded.model, volume, loaded.data_options, batch=batch, tta=tta,
+                                  threshold=threshold, device=device, precision="fp32", progress=progress)
+        else:
+            cascade = predict_cascade(liver.model, liver.data_options, loaded.model, loaded.data_options, volume,
+                                      batch=batch, tta=tta, threshold=threshold, device=device, precision="fp32",
+                                      progress=progress)
+            pred = cascade.tumor
         seconds = time.perf_counter() - t0
         metrics = volume_metrics(pred, volume.label == LABEL_TUMOR, volume.spacing)
         sz, sy, sx = (float(s) for s in volume.spacing)
-        rows.append({"case": volume.case_id, "source": str(path), **metrics,
-                     "spacing_z": sz, "spacing_y": sy, "spacing_x": sx, "seconds": seconds})
+        row = {"case": volume.case_id, "source": str(path), **metrics,
+               "spacing_z": sz, "spacing_y": sy, "spacing_x": sx, "seconds": seconds}
+        if cascade is not None:
+            liver_metrics = volume_metrics(cascade.liver, volume.label > 0, volume.spacing)
+            row.update({f"liver_{k}": v for k, v in liver_metrics.items()})
+            row["warnings"] = "; ".join(cascade.warnings)
+        rows.append(row)
     if not rows:
         raise HepasegError(
             f"--volumes: no labelled case in {', '.join(map(str, sources))}: expected CT cases with a tumour "
@@ -149,6 +187,14 @@ def evaluate_volumes(
         "hd95": _mean([r["hd95"] for r in rows]),
         "hausdorff": _mean([r["hausdorff"] for r in rows]),
     }
+    if liver is not None:
+        liver_rows = [{k[len("liver_"):]: v for k, v in r.items() if k.startswith("liver_")} for r in rows]
+        summary["liver"] = {
+            "n_cases": len(rows),
+            "dice_per_case": _mean([r["dice"] for r in liver_rows]),
+            "dice_global": global_dice(liver_rows),
+            **{k: _mean([r[k] for r in liver_rows]) for k in ("jaccard", "rvd", "assd", "hd95", "hausdorff")},
+        }
     result = VolumeEvaluationResult(
         model_name=loaded.model_name,
         checkpoint=Path(checkpoint),
@@ -156,13 +202,17 @@ def evaluate_volumes(
         summary=summary,
         skipped=skipped,
         options={"batch": batch, "threshold": threshold, "tta": tta, "precision": "fp32",
-                 "device": device or "auto", "data_options": loaded.data_options},
+                 "device": device or "auto", "data_options": loaded.data_options,
+                 **({} if liver is None else {"liver_model": liver.model_name,
+                                              "liver_data_options": liver.data_options})},
+        liver_checkpoint=None if liver_checkpoint is None else Path(liver_checkpoint),
     )
     out_dir = Path(out) if out is not None else Path(checkpoint).parent / "eval-volumes"
     out_dir.mkdir(parents=True, exist_ok=True)
     result.out_dir = out_dir
     with atomic_path(out_dir / "volumes.csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=VOLUME_CSV_COLUMNS, lineterminator="\n")
+        columns = VOLUME_CSV_COLUMNS + (LIVER_CSV_COLUMNS if liver is not None else ())
+        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in row.items()})

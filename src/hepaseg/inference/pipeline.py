@@ -11,6 +11,16 @@ the tumour at the scan's own resolution and writes::
     OUT_DIR/overlay.png         the slices with the most tumour, outlined
     OUT_DIR/metrics.json        only when the input has labels: Dice, ASSD, HD95, ... vs label == 2
 
+With ``liver_checkpoint`` (``--liver-checkpoint``) the liver-first cascade of
+:mod:`hepaseg.inference.cascade` runs instead of a single network, and also::
+
+    OUT_DIR/liver_mask.nii.gz   uint8 0/1: the predicted liver (largest 3D component)
+
+``labels="lits"`` then takes the liver from that prediction (not from the input's label);
+``metrics.json`` (labelled input) adds ``liver`` (vs label > 0) and ``tumor`` (vs label == 2)
+sections, the flat keys staying the tumour's; ``lesions.json`` carries a ``warnings`` list
+(e.g. no liver found: the tumour mask is empty), which the CLI prints.
+
 Every file is written into a temporary folder beside ``OUT_DIR`` that is renamed
 into place at the end, so ``OUT_DIR`` is either complete or untouched.
 """
@@ -29,6 +39,7 @@ import numpy as np
 
 from hepaseg import __version__
 from hepaseg.errors import HepasegError
+from hepaseg.inference.cascade import KEEP_MARGIN_MM, check_cascade, predict_cascade, require_liver_stage
 from hepaseg.inference.lesions import lesion_table, lesions_to_csv
 from hepaseg.inference.onnx_engine import OnnxModel, export_onnx
 from hepaseg.inference.overlay import draw_overlay
@@ -63,6 +74,7 @@ class PredictResult:
         metrics: volume metrics of the predicted tumour vs the input's label == 2, or None.
         timings: seconds for ``read``, ``inference`` and ``write`` (and ``load_model``).
         case_id, shape (z, y, x), spacing (mm, z y x), engine (``torch``/``onnx``), model_name.
+        warnings: problems worth telling the user (cascade: no liver found); also in lesions.json.
     """
 
     out_dir: Path
@@ -76,6 +88,7 @@ class PredictResult:
     engine: str = "torch"
     model_name: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def check_ct_image(image: np.ndarray, source: str) -> None:
@@ -166,6 +179,7 @@ def predict_case(
     *,
     checkpoint: str | os.PathLike | None = None,
     onnx_model: str | os.PathLike | None = None,
+    liver_checkpoint: str | os.PathLike | None = None,
     batch: int = 8,
     tta: bool = False,
     threshold: float = 0.5,
@@ -184,11 +198,15 @@ def predict_case(
         checkpoint: a ``hepaseg train`` checkpoint (torch engine).
         onnx_model: an ``hepaseg export`` file (onnx engine; takes precedence over ``checkpoint``,
             whose data options are used only if the ONNX file has none).
+        liver_checkpoint: a liver-stage checkpoint (``target == "liver"``): run the liver-first
+            cascade (:mod:`hepaseg.inference.cascade`), with ``checkpoint``/``onnx_model`` as the
+            tumour stage. Required for a tumour checkpoint trained with ``roi == "liver"``.
         batch: slices per forward pass (default 8).
         tta: flip test-time augmentation (3 passes).
         threshold: tumour probability threshold in (0, 1) (default 0.5).
         labels: ``"tumor"`` (default: mask 0/1) or ``"lits"`` (0 background, 1 liver, 2 tumour; the
-            liver comes from the input's own label map, so the input must have one).
+            liver comes from the input's own label map, so the input must have one -- or, with
+            ``liver_checkpoint``, from the predicted liver).
         overwrite: replace an ``out_dir`` that already holds files.
         progress: show a progress bar over slices.
         device: torch device (default CUDA when available); ignored by the onnx engine.
@@ -199,8 +217,9 @@ def predict_case(
 
     Raises:
         HepasegError: unreadable / 2D / non-CT input, an input the model's data options cannot be
-            met with, no liver for ``labels="lits"``, an ``out_dir`` holding other files, a corrupt
-            checkpoint or ONNX file. Nothing is written then.
+            met with, no liver for ``labels="lits"`` (without a liver stage), an ``out_dir`` holding
+            other files, a corrupt checkpoint or ONNX file, a liver-cropped tumour checkpoint without
+            ``liver_checkpoint``, or two checkpoints that do not form a cascade. Nothing is written then.
     """
     if labels not in LABEL_MODES:
         raise HepasegError(f"--labels: expected one of {', '.join(LABEL_MODES)}, got {labels!r}")
@@ -214,6 +233,17 @@ def predict_case(
 
     t0 = time.perf_counter()
     model, data_options, engine, model_name, model_options = _load_engine(checkpoint, onnx_model)
+    tumor_source = "--model" if onnx_model is not None else "--checkpoint"
+    tumor_source = f"{tumor_source} {onnx_model if onnx_model is not None else checkpoint}"
+    liver_loaded = None
+    if liver_checkpoint is None:
+        require_liver_stage(data_options, source=tumor_source)
+    else:
+        from hepaseg.training import load_checkpoint
+
+        liver_loaded = load_checkpoint(liver_checkpoint)
+        check_cascade(liver_loaded.data_options, data_options,
+                      liver_source=f"--liver-checkpoint {liver_checkpoint}", tumor_source=tumor_source)
     timings["load_model"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -222,7 +252,7 @@ def predict_case(
     check_ct_image(volume.image, source)
     check_volume_for_model(volume.image, data_options, model=model, source=source)
     liver = None
-    if labels == "lits":
+    if labels == "lits" and liver_loaded is None:
         if volume.label is None or not np.any(volume.label > 0):
             raise HepasegError(
                 f"{source}: --labels lits needs a liver mask: expected the input to carry a label map with "
@@ -232,11 +262,23 @@ def predict_case(
     timings["read"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tumor = predict_volume(
-        model, volume, data_options, batch=batch, tta=tta, threshold=threshold, device=device,
-        precision=precision, progress=progress,
-    )  # (z, y, x) uint8 {0, 1}
+    cascade = None
+    if liver_loaded is None:
+        tumor = predict_volume(
+            model, volume, data_options, batch=batch, tta=tta, threshold=threshold, device=device,
+            precision=precision, progress=progress,
+        )  # (z, y, x) uint8 {0, 1}
+    else:
+        cascade = predict_cascade(
+            liver_loaded.model, liver_loaded.data_options, model, data_options, volume, batch=batch, tta=tta,
+            threshold=threshold, device=device, precision=precision, progress=progress,
+        )
+        tumor = cascade.tumor
+        if labels == "lits":
+            liver = cascade.liver > 0  # predicted liver; tumour lies within 5 mm of it
+        timings.update({f"inference_{k}": v for k, v in cascade.timings.items()})
     timings["inference"] = time.perf_counter() - t0
+    warnings = list(cascade.warnings) if cascade is not None else []
 
     t0 = time.perf_counter()
     mask = tumor
@@ -251,6 +293,9 @@ def predict_case(
         from hepaseg.evaluation import volume_metrics
 
         metrics = {"case_id": volume.case_id, **volume_metrics(tumor > 0, target, volume.spacing)}
+        if cascade is not None:
+            metrics["tumor"] = {k: v for k, v in metrics.items() if k != "case_id"}
+            metrics["liver"] = volume_metrics(cascade.liver > 0, volume.label > 0, volume.spacing)
     settings = {
         "engine": engine,
         "model": model_name,
@@ -264,19 +309,37 @@ def predict_case(
         "hepaseg_version": __version__,
         "label_note": label_note,
     }
+    if cascade is not None:
+        settings["cascade"] = {
+            "liver_checkpoint": str(liver_checkpoint),
+            "liver_model": liver_loaded.model_name,
+            "liver_model_options": dict(liver_loaded.model_options),
+            "liver_data_options": dict(liver_loaded.data_options),
+            "liver_threshold": 0.5,
+            "largest_component": True,
+            "keep_margin_mm": KEEP_MARGIN_MM,
+            "crop_box": None if cascade.crop_box is None else list(cascade.crop_box),
+            "tumor_slices": None if cascade.tumor_slices is None else list(cascade.tumor_slices),
+            "liver_voxels": int(np.count_nonzero(cascade.liver)),
+        }
     names = {"mask": "tumor_mask.nii.gz", "lesions_csv": "lesions.csv", "lesions_json": "lesions.json",
              "overlay": "overlay.png"}
     if metrics is not None:
         names["metrics"] = "metrics.json"
+    if cascade is not None:
+        names["liver_mask"] = "liver_mask.nii.gz"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         write_label_nifti(mask, volume, tmp / names["mask"])
+        if cascade is not None:
+            write_label_nifti(cascade.liver, volume, tmp / names["liver_mask"])
         write_text_atomic(tmp / names["lesions_csv"], lesions_to_csv(rows))
         write_json_atomic(
             tmp / names["lesions_json"],
             {"case_id": volume.case_id, "source": source, "shape": list(volume.shape),
-             "spacing_mm": [float(s) for s in volume.spacing], "settings": settings, "lesions": rows},
+             "spacing_mm": [float(s) for s in volume.spacing], "settings": settings, "warnings": warnings,
+             "lesions": rows},
         )
         draw_overlay(volume.image, tumor, tmp / names["overlay"], gt_mask=target, spacing=volume.spacing,
                      title=volume.case_id)
@@ -300,6 +363,7 @@ def predict_case(
         engine=engine,
         model_name=model_name,
         settings=settings,
+        warnings=warnings,
     )
 
 
