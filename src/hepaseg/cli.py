@@ -81,7 +81,10 @@ def prepare_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (new, empty or a previous output).")],
     window: Annotated[str, typer.Option(help="HU window LO,HI clipped and scaled to [0, 1].")] = "-200,250",
     size: Annotated[int, typer.Option(help="Slice size in pixels after resizing.")] = 224,
-    slices: Annotated[str, typer.Option(help="Slices kept: tumor (paper) | liver | all.")] = "tumor",
+    slices: Annotated[
+        Optional[str],
+        typer.Option(help="Slices kept: tumor (paper) | liver | all (default: tumor; all with --target liver)."),
+    ] = None,
     context_slices: Annotated[int, typer.Option(help="Neighbour slices each side stored as channels.")] = 0,
     split: Annotated[str, typer.Option(help="Patient-level TRAIN,VAL,TEST fractions.")] = "0.7,0.1,0.2",
     split_file: Annotated[
@@ -94,6 +97,13 @@ def prepare_command(
         typer.Option(help="DEMO ONLY, one volume: TRAIN,VAL,TEST fractions of contiguous z blocks (not by patient)."),
     ] = None,
     z_gap: Annotated[Optional[int], typer.Option(help="Unused slices between z blocks (default 2K+2).")] = None,
+    target: Annotated[
+        str, typer.Option(help="tumor (default) | liver: data for the liver stage of a cascade (mask = label > 0).")
+    ] = "tumor",
+    roi: Annotated[
+        Optional[str], typer.Option(help="liver: crop each case to its labelled liver's box (cascade tumour stage).")
+    ] = None,
+    roi_margin: Annotated[float, typer.Option(help="Margin around the liver box with --roi liver, mm.")] = 10.0,
     overwrite: Annotated[bool, typer.Option(help="Replace a previous prepare output at --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -113,6 +123,9 @@ def prepare_command(
         seed=seed,
         split_file=split_file,
         z_split=None if z is None else {"fractions": z, "gap": z_gap},
+        target=target,
+        roi=roi,
+        roi_margin_mm=roi_margin,
         overwrite=overwrite,
         progress=progress,
         console=console,
@@ -193,7 +206,7 @@ def train_command(
     model_option: Annotated[
         Optional[list[str]], typer.Option("--model-option", help="Architecture option KEY=VALUE (JSON value).")
     ] = None,
-    loss: Annotated[str, typer.Option(help="dice_bce | focal | tversky.")] = "dice_bce",
+    loss: Annotated[str, typer.Option(help="dice_bce | focal | tversky | dice_topk.")] = "dice_bce",
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
     schedule: Annotated[str, typer.Option(help="cosine | poly, per step after a linear warm-up.")] = "cosine",
@@ -205,7 +218,19 @@ def train_command(
     precision: Annotated[Optional[str], typer.Option(help="32 | 16-mixed | bf16-mixed (default: by hardware).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of everything (runs on CPU repeat exactly).")] = 0,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
-    augment: Annotated[bool, typer.Option(help="Training augmentation.")] = True,
+    augment: Annotated[str, typer.Option(help="Augmentation preset: basic | nnunet | none.")] = "basic",
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="Same as --augment none.")] = False,
+    no_aug: Annotated[
+        Optional[list[str]],
+        typer.Option("--no-aug", help="Leave out a family: spatial|noise|blur|intensity|lowres|gamma|mirror."),
+    ] = None,
+    synthetic_tumors: Annotated[
+        float, typer.Option(help="Probability per slice of painting synthetic tumours (Hu et al. 2023).")
+    ] = 0.0,
+    crop: Annotated[Optional[int], typer.Option(help="Training crop size in pixels (default: whole slices).")] = None,
+    tumor_crop_fraction: Annotated[
+        float, typer.Option(help="Share of training crops centred on a tumour pixel (needs --crop).")
+    ] = 0.0,
     early_stopping_patience: Annotated[
         Optional[int], typer.Option(help="Stop after this many epochs without a val_dice gain.")
     ] = None,
@@ -242,7 +267,11 @@ def train_command(
             precision=precision,
             seed=seed,
             num_workers=num_workers,
-            augment=augment,
+            augment=False if no_augment else augment,
+            aug_off=list(no_aug or []),
+            synthetic_tumors=synthetic_tumors,
+            crop=crop,
+            tumor_crop_fraction=tumor_crop_fraction,
             early_stopping_patience=early_stopping_patience,
             channels_last=channels_last,
             accelerator=accelerator,
@@ -297,6 +326,10 @@ def evaluate_command(
         typer.Option("--volumes", help="Labelled CT case/folder for whole-volume metrics in mm (repeatable)."),
     ] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda (default: CUDA when available).")] = None,
+    liver_checkpoint: Annotated[
+        Optional[Path],
+        typer.Option("--liver-checkpoint", help="Liver-stage checkpoint: --volumes runs the cascade, scores both."),
+    ] = None,
 ) -> None:
     """Score a checkpoint on a prepared split (the paper's Table 1 metrics); --volumes adds 3D metrics in mm."""
     import json
@@ -307,6 +340,11 @@ def evaluate_command(
 
     if data is None and not volumes:
         raise HepasegError("--data: missing: expected a prepared dataset (--data DIR) and/or --volumes SOURCE")
+    if liver_checkpoint is not None and not volumes:
+        raise HepasegError(
+            "--liver-checkpoint: only used with --volumes (the cascade predicts whole cases): expected --volumes "
+            "SOURCE, got none"
+        )
     payload: dict = {}
     result = vol = None
     if data is not None:
@@ -319,7 +357,8 @@ def evaluate_command(
 
         vol_out = out if out is not None else (result.out_dir if result is not None else None)
         vol = evaluate_volumes(
-            checkpoint, volumes, batch=batch, threshold=threshold, device=device, out=vol_out, progress=not json_output
+            checkpoint, volumes, batch=batch, threshold=threshold, device=device, out=vol_out,
+            progress=not json_output, liver_checkpoint=liver_checkpoint,
         )
         payload["volumes"] = vol.to_json()
     if json_output:
@@ -361,6 +400,16 @@ def evaluate_command(
             f"dice per case {v['dice_per_case']:.4f}, dice global {v['dice_global']:.4f} ({v['n_cases']} cases)",
             highlight=False,
         )
+        if "liver" in v:
+            lv = v["liver"]
+            console.print(
+                f"liver stage: dice per case {lv['dice_per_case']:.4f}, dice global {lv['dice_global']:.4f}, "
+                f"assd {lv['assd']:.2f} mm",
+                highlight=False,
+            )
+        for row in vol.rows:
+            if row.get("warnings"):
+                console.print(f"[yellow]warning:[/] {row['case']}: {row['warnings']}", highlight=False)
         for key, path in vol.paths.items():
             console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
 
@@ -458,6 +507,10 @@ def predict_command(
         str, typer.Option(help="tumor: mask 0/1 | lits: 0/1/2 with the input's own liver label.")
     ] = "tumor",
     engine: Annotated[str, typer.Option(help="torch (with --checkpoint) | onnx (with --model).")] = "torch",
+    liver_checkpoint: Annotated[
+        Optional[Path],
+        typer.Option("--liver-checkpoint", help="Liver-stage checkpoint: liver first, then tumour inside it."),
+    ] = None,
     model: Annotated[Optional[Path], typer.Option("--model", help="ONNX file from `hepaseg export`.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an --out folder that holds files.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -478,6 +531,7 @@ def predict_command(
         out,
         checkpoint=checkpoint,
         onnx_model=model if engine == "onnx" else None,
+        liver_checkpoint=liver_checkpoint,
         batch=batch,
         tta=tta,
         threshold=threshold,
@@ -504,6 +558,11 @@ def predict_command(
             f"vs label: dice {m['dice']:.3f}  jaccard {m['jaccard']:.3f}  assd {m['assd']:.2f} mm  "
             f"hd95 {m['hd95']:.2f} mm"
         )
+        if "liver" in m:
+            lv = m["liver"]
+            console.print(f"liver vs label: dice {lv['dice']:.3f}  assd {lv['assd']:.2f} mm", highlight=False)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if result.settings.get("label_note"):
         console.print(f"[yellow]note:[/] {result.settings['label_note']}", highlight=False)
     console.print(f"written to {result.out_dir}:")
@@ -630,6 +689,92 @@ def benchmark_command(
             console.print(table)
     if out is not None:
         err_console.print(f"wrote {out}", highlight=False, soft_wrap=True)
+
+
+@app.command("crossval")
+@user_errors
+def crossval_command(
+    sources: Annotated[list[Path], typer.Argument(help="CT files or folders: every case is one patient and fold.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Crossval folder (rerun the same command to resume).")],
+    models: Annotated[str, typer.Option(help="Comma-separated tumour networks (see `hepaseg models`).")] = "unet",
+    seeds: Annotated[int, typer.Option(help="Seeds per model and fold (0..N-1).")] = 2,
+    cascade: Annotated[
+        bool, typer.Option("--cascade", help="Liver-first cascade: liver stage, then tumour on liver crops.")
+    ] = False,
+    liver_model: Annotated[str, typer.Option(help="Liver-stage network (with --cascade).")] = "unet",
+    liver_size: Annotated[int, typer.Option(help="Liver-stage slice size in pixels (with --cascade).")] = 128,
+    size: Annotated[int, typer.Option(help="Tumour-stage slice size in pixels.")] = 224,
+    width: Annotated[int, typer.Option(help="Base width of every network.")] = 16,
+    max_minutes_per_run: Annotated[
+        Optional[float], typer.Option(help="Wall-clock training budget of each run.")
+    ] = None,
+    max_epochs: Annotated[int, typer.Option(help="Epoch budget of each run.")] = 50,
+    synthetic_tumors: Annotated[
+        Optional[float], typer.Option(help="Train option synthetic_tumors: probability of a synthetic tumour.")
+    ] = None,
+    augment: Annotated[Optional[str], typer.Option(help="Train option augment (e.g. basic, nnunet, none).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Slices per step (every run).")] = None,
+    threshold: Annotated[float, typer.Option(help="Tumour probability threshold.")] = 0.5,
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of each training patient's slices (last z block) monitored as val.")
+    ] = 0.15,
+    train_option: Annotated[
+        Optional[list[str]], typer.Option("--train-option", help="Further TrainConfig field KEY=VALUE (JSON value).")
+    ] = None,
+    prepare_option: Annotated[
+        Optional[list[str]],
+        typer.Option("--prepare-option", help="Further prepare argument KEY=VALUE, e.g. slices=\"liver\"."),
+    ] = None,
+) -> None:
+    """Leave-one-patient-out training and whole-volume scoring: Dice, lesion detection by size, FP rates."""
+    from rich.table import Table
+
+    from hepaseg.inference.crossval import crossval  # imports torch: keep `hepaseg --help` fast
+    from hepaseg.training import parse_key_values
+
+    train_options = parse_key_values(train_option or [], option="--train-option")
+    for key, value in (("synthetic_tumors", synthetic_tumors), ("augment", augment), ("batch_size", batch_size)):
+        if value is not None:
+            train_options[key] = value
+    result = crossval(
+        sources,
+        out,
+        models=models,
+        seeds=seeds,
+        cascade=cascade,
+        liver_model=liver_model,
+        liver_size=liver_size,
+        size=size,
+        width=width,
+        max_minutes_per_run=max_minutes_per_run,
+        max_epochs=max_epochs,
+        train_options=train_options,
+        prepare_options=parse_key_values(prepare_option or [], option="--prepare-option"),
+        threshold=threshold,
+        val_fraction=val_fraction,
+        log=lambda line: console.print(line, highlight=False),
+    )
+    table = Table(title=f"crossval: {len(result.folds)} folds x {len(result.seeds)} seeds (means)")
+    for col in ("model", "dice (%)", "dice global (%)", "recall IoU>0.5 (%)", "recall any (%)", "FP lesions",
+                "FP slice rate (%)"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for name in result.models:
+        rows = [r for r in result.rows if r["model"] == name]
+
+        def mean(key: str, scale: float = 100.0, rows=rows) -> str:
+            values = [r[key] for r in rows if r[key] == r[key]]  # NaN != NaN: skip undefined recalls
+            return f"{scale * sum(values) / len(values):.2f}" if values else "-"
+
+        pooled = result.dice_global[name]
+        table.add_row(name, mean("dice"), f"{100 * sum(pooled) / len(pooled):.2f}", mean("recall_iou"),
+                      mean("recall_any"), mean("fp_lesions", 1.0), mean("fp_slice_rate"))
+    console.print(table)
+    console.print(
+        f"trained {len(result.trained)} run(s) in {result.wall_seconds / 60:.1f} min; written to {result.out}:",
+        highlight=False,
+    )
+    for key, path in result.paths.items():
+        console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
 
 
 # [cli:inference]

@@ -4,7 +4,8 @@
 2D slice (pixels) and Dice, Jaccard, RVD, ASSD, HD95, Hausdorff per 3D case (mm), with an
 explicit empty-mask policy; ``report`` aggregates slices (means, sd, the paper's F1 of the
 mean precision and recall), renders Table 1 as Markdown and writes per-slice CSVs.
-``evaluate`` scores a checkpoint on a prepared split (``hepaseg evaluate``); ``compare``
+``detection`` scores lesion-wise detection (recall by diameter bin, false-positive lesions and
+slices). ``evaluate`` scores a checkpoint on a prepared split (``hepaseg evaluate``); ``compare``
 trains and evaluates several networks under one protocol (``hepaseg compare``).
 """
 
@@ -15,6 +16,11 @@ from hepaseg.evaluation.compare import (
     cpu_ms_per_slice,
     parse_models,
     wilcoxon_vs,
+)
+from hepaseg.evaluation.detection import (
+    DIAMETER_BINS,
+    fp_slice_rate,
+    lesion_detection,
 )
 from hepaseg.evaluation.evaluate import (
     EvaluationResult,
@@ -39,6 +45,7 @@ from hepaseg.evaluation.report import (
 )
 
 __all__ = [
+    "DIAMETER_BINS",
     "SLICE_METRICS",
     "TABLE1_COLUMNS",
     "VOLUME_METRICS",
@@ -50,7 +57,9 @@ __all__ = [
     "cpu_ms_per_slice",
     "evaluate_checkpoint",
     "f1_from_means",
+    "fp_slice_rate",
     "global_dice",
+    "lesion_detection",
     "parse_models",
     "predict_slices",
     "slice_metrics",

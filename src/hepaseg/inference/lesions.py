@@ -32,7 +32,10 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
+
+# The diameter lives one layer down so that evaluation (lesion-wise detection) measures lesions
+# exactly as this report does; re-exported here.
+from hepaseg.evaluation.detection import axial_feret_diameter, section_diameters
 
 __all__ = ["LESION_CSV_COLUMNS", "axial_feret_diameter", "lesion_table", "lesions_to_csv"]
 
@@ -51,94 +54,6 @@ LESION_CSV_COLUMNS = [
     "first_slice",
     "last_slice",
 ]
-
-
-def axial_feret_diameter(mask2d: np.ndarray, spacing_yx: Sequence[float]) -> float:
-    """Largest Feret diameter (mm) of a 2D mask's outline (pixel-edge midpoints; see module docstring).
-
-    Args:
-        mask2d: ``(y, x)`` boolean; its True pixels are one lesion's cross-section.
-        spacing_yx: pixel size in mm, ``(y, x)``.
-
-    Returns:
-        the largest distance (mm) between two edge midpoints of the True pixels; 0 if empty.
-    """
-    ys, xs = np.nonzero(mask2d)  # row-major: grouped by y, x ascending within a row
-    if ys.size == 0:
-        return 0.0
-    # Only the first and last pixel of each row can reach the hull: the edge midpoints of the
-    # pixels between them lie on segments joining theirs. This keeps <= 2 pixels per row.
-    starts = np.flatnonzero(np.r_[True, ys[1:] != ys[:-1]])
-    ends = np.r_[starts[1:], ys.size] - 1
-    points = _row_extreme_points(ys[starts], xs[starts], xs[ends]).reshape(-1, 2)
-    return _max_distance(points * np.asarray(spacing_yx, dtype=np.float64))
-
-
-_SMALL_ROWS = 8  # sections of at most this many rows are measured in one vectorised batch
-_CHUNK = 2048  # sections per batch: (2048, 48, 48) float64 squared distances = 38 MB
-
-
-def _row_extreme_points(ys: np.ndarray, xs0: np.ndarray, xs1: np.ndarray) -> np.ndarray:
-    """Edge midpoints (in pixels, ``(..., 6, 2)``) of each row's first and last pixel that can
-    reach the hull: top and bottom of both, the left edge of the first, the right edge of the last."""
-    y = ys.astype(np.float64)[..., None]
-    x0 = xs0.astype(np.float64)[..., None]
-    x1 = xs1.astype(np.float64)[..., None]
-    py = np.concatenate([y - 0.5, y + 0.5, y - 0.5, y + 0.5, y, y], axis=-1)
-    px = np.concatenate([x0, x0, x1, x1, x0 - 0.5, x1 + 0.5], axis=-1)
-    return np.stack([py, px], axis=-1)
-
-
-def _section_diameters(slice_labels: np.ndarray, spacing_yx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Feret diameter (mm) of every label's section in one ``(y, x)`` slice.
-
-    Vectorised over sections so that a noisy mask with 10^5 specks stays fast; gives the same
-    value as :func:`axial_feret_diameter` on each section. Returns ``(labels, diameters)``.
-    """
-    ys, xs = np.nonzero(slice_labels)
-    if ys.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0)
-    lab = slice_labels[ys, xs]
-    order = np.lexsort((xs, ys, lab))  # by label, then row, then column
-    ys, xs, lab = ys[order], xs[order], lab[order]
-    row_start = np.flatnonzero(np.r_[True, (lab[1:] != lab[:-1]) | (ys[1:] != ys[:-1])])
-    row_end = np.r_[row_start[1:], ys.size] - 1
-    r_lab, r_y, r_x0, r_x1 = lab[row_start], ys[row_start], xs[row_start], xs[row_end]
-    sec_start = np.flatnonzero(np.r_[True, r_lab[1:] != r_lab[:-1]])
-    n_rows = np.diff(np.r_[sec_start, r_lab.size])
-    labels_out = r_lab[sec_start].astype(np.int64)
-    diam = np.zeros(labels_out.size)
-    scale = np.asarray(spacing_yx, dtype=np.float64)
-
-    # Small sections in buckets of 1, 2, 4, 8 rows, each padded to its bucket size by repeating
-    # the section's first row (repeats change no maximum): most specks are 1-2 rows.
-    lower = 0
-    for bucket in (1, 2, 4, _SMALL_ROWS):
-        members = np.flatnonzero((n_rows > lower) & (n_rows <= bucket))
-        lower = bucket
-        for chunk in np.array_split(members, max(1, -(-members.size // _CHUNK))):
-            if chunk.size == 0:
-                continue
-            k = np.arange(bucket)[None, :]
-            rows = sec_start[chunk][:, None] + np.minimum(k, n_rows[chunk][:, None] - 1)  # (c, bucket)
-            pts = _row_extreme_points(r_y[rows], r_x0[rows], r_x1[rows]).reshape(chunk.size, -1, 2) * scale
-            d2 = ((pts[:, :, None, :] - pts[:, None, :, :]) ** 2).sum(-1)  # (c, 6 bucket, 6 bucket)
-            diam[chunk] = np.sqrt(d2.reshape(chunk.size, -1).max(axis=1))
-    for i in np.flatnonzero(n_rows > _SMALL_ROWS):
-        sl = slice(sec_start[i], sec_start[i] + n_rows[i])
-        diam[i] = _max_distance(_row_extreme_points(r_y[sl], r_x0[sl], r_x1[sl]).reshape(-1, 2) * scale)
-    return labels_out, diam
-
-
-def _max_distance(points: np.ndarray) -> float:
-    """Largest distance between two of ``points (n, 2)``: over hull vertices when there are many."""
-    if len(points) > 64:
-        try:
-            points = points[ConvexHull(points).vertices]
-        except QhullError:  # pragma: no cover - pixel edge midpoints are never all collinear
-            pass  # fall back to all pairs
-    diff = points[:, None, :] - points[None, :, :]
-    return float(np.sqrt((diff**2).sum(-1)).max())
 
 
 def lesion_table(
@@ -198,7 +113,7 @@ def lesion_table(
         sums[0] += c * z
         sums[1] += np.bincount(flat, weights=yy.ravel(), minlength=n + 1)
         sums[2] += np.bincount(flat, weights=xx.ravel(), minlength=n + 1)
-        labs, diam = _section_diameters(labels[z], spacing_arr[1:])
+        labs, diam = section_diameters(labels[z], spacing_arr[1:])
         better = diam > best_diam[labs]  # strictly: the first slice wins ties
         best_diam[labs[better]] = diam[better]
         best_z[labs[better]] = z

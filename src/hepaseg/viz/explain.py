@@ -167,7 +167,8 @@ def default_queries(
     flat = int(np.argmax(score))
     background_point = tuple(int(v) for v in np.unravel_index(flat, score.shape))
     background_rule = (
-        f"inside the body, farthest from tumour, air and the image edge ({float(score.flat[flat]):.0f} mm from the nearer)"
+        "inside the body, farthest from tumour, air and the image edge "
+        f"({float(score.flat[flat]):.0f} mm from the nearer)"
     )
     return [tumour_point, background_point], [tumour_rule, background_rule]  # type: ignore[list-item]
 
