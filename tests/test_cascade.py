@@ -397,6 +397,7 @@ def test_no_liver_gives_an_empty_tumour_and_a_warning_without_running_the_tumour
         (LIVER_OPTS, TUMOR_OPTS | {"roi": "box"}, "roi: expected one of liver"),
         (LIVER_OPTS, TUMOR_OPTS | {"roi_margin_mm": None}, "roi_margin_mm: expected a margin"),
         (LIVER_OPTS | {"window": [250, -200]}, TUMOR_OPTS, "window must be"),
+        (LIVER_OPTS | {"window": [-100, 200]}, TUMOR_OPTS, r"window \[-100.0, 200.0\]: expected the tumour stage"),
     ],
 )
 def test_mismatched_cascades_are_refused(liver, tumor, match):

@@ -123,15 +123,26 @@ def check_cascade(
 ) -> None:
     """Check that two checkpoints' data options form a liver -> tumour cascade.
 
-    Windows and sizes may differ (each stage is preprocessed with its own options).
+    Sizes and context slices may differ (the liver stage works at a coarse size, each stage is
+    preprocessed with its own options); the HU windows must agree: both stages read the same
+    scan, and a liver stage windowed differently from its tumour stage is almost always a pair of
+    checkpoints from two different datasets.
 
     Raises:
-        HepasegError: a liver checkpoint whose ``target`` is not ``"liver"`` or that was trained with
+        HepasegError: windows that differ; a liver checkpoint whose ``target`` is not ``"liver"`` or that was trained with
             an ``roi``; a tumour checkpoint whose ``target`` is not ``"tumor"``, or with an unknown
             ``roi`` or a bad ``roi_margin_mm``; missing or invalid window/size/context_slices.
     """
     parse_data_options(liver_options, source=f"{liver_source}: data options")
     parse_data_options(tumor_options, source=f"{tumor_source}: data options")
+    liver_window = [float(v) for v in liver_options["window"]]
+    tumor_window = [float(v) for v in tumor_options["window"]]
+    if liver_window != tumor_window:
+        raise HepasegError(
+            f"{liver_source}: window {liver_window}: expected the tumour stage's window {tumor_window} "
+            f"({tumor_source}): the two checkpoints disagree on their data options. Prepare both stages with "
+            "the same --window and re-train the one that differs"
+        )
     liver_target = liver_options.get("target", "tumor")
     if liver_target != "liver":
         raise HepasegError(
