@@ -129,9 +129,10 @@ def check_cascade(
     checkpoints from two different datasets.
 
     Raises:
-        HepasegError: windows that differ; a liver checkpoint whose ``target`` is not ``"liver"`` or that was trained with
-            an ``roi``; a tumour checkpoint whose ``target`` is not ``"tumor"``, or with an unknown
-            ``roi`` or a bad ``roi_margin_mm``; missing or invalid window/size/context_slices.
+        HepasegError: windows that differ; a liver checkpoint whose ``target`` is not ``"liver"``
+            or that was trained with an ``roi``; a tumour checkpoint whose ``target`` is not
+            ``"tumor"``, or with an unknown ``roi`` or a bad ``roi_margin_mm``; missing or invalid
+            window/size/context_slices.
     """
     parse_data_options(liver_options, source=f"{liver_source}: data options")
     parse_data_options(tumor_options, source=f"{tumor_source}: data options")
