@@ -12,7 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SegmentationModel"]
+__all__ = ["SegmentationModel", "check_positive"]
+
+
+def check_positive(**values: int) -> None:
+    """Raise ``ValueError`` naming the first argument that is not a positive integer (bools refused)."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class SegmentationModel(nn.Module):

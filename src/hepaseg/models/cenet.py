@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hepaseg.errors import HepasegError
-from hepaseg.models.base import SegmentationModel
+from hepaseg.models.base import SegmentationModel, check_positive
 from hepaseg.models.registry import register_model
 
 __all__ = [
@@ -285,13 +285,7 @@ class CENet(SegmentationModel):
         pretrained_state_dict: str | Path | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("num_classes", num_classes),
-            ("base_width", base_width),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_positive(in_channels=in_channels, num_classes=num_classes, base_width=base_width)
         if pretrained_state_dict is not None and not isinstance(pretrained_state_dict, (str, Path)):
             raise ValueError(f"pretrained_state_dict must be a path or None, got {pretrained_state_dict!r}")
         self.in_channels, self.num_classes, self.size_multiple = in_channels, num_classes, 32

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hepaseg.models.base import SegmentationModel
+from hepaseg.models.base import SegmentationModel, check_positive
 from hepaseg.models.blocks import ConvBNReLU
 from hepaseg.models.cenet import BasicBlock
 from hepaseg.models.registry import register_model
@@ -174,13 +174,7 @@ class DANet(SegmentationModel):
         self, *, in_channels: int = 1, num_classes: int = 1, base_width: int = 64, dropout: float = 0.1
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("num_classes", num_classes),
-            ("base_width", base_width),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_positive(in_channels=in_channels, num_classes=num_classes, base_width=base_width)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         self.in_channels, self.num_classes, self.size_multiple = in_channels, num_classes, 8

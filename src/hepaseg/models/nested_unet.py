@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from hepaseg.models.base import SegmentationModel
+from hepaseg.models.base import SegmentationModel, check_positive
 from hepaseg.models.blocks import DoubleConv, OutConv
 from hepaseg.models.registry import register_model
 
@@ -71,13 +71,7 @@ class NestedUNet(SegmentationModel):
         deep_supervision: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("num_classes", num_classes),
-            ("base_width", base_width),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_positive(in_channels=in_channels, num_classes=num_classes, base_width=base_width)
         if not isinstance(deep_supervision, bool):
             raise ValueError(f"deep_supervision must be a bool, got {deep_supervision!r}")
         self.in_channels, self.num_classes, self.size_multiple = in_channels, num_classes, 16

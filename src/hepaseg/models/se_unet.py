@@ -30,7 +30,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from hepaseg.models.base import SegmentationModel
+from hepaseg.models.base import SegmentationModel, check_positive
 from hepaseg.models.blocks import DoubleConv, Down, OutConv, Up
 from hepaseg.models.registry import register_model
 
@@ -93,14 +93,7 @@ class SEUNet(SegmentationModel):
         self, *, in_channels: int = 1, num_classes: int = 1, base_width: int = 64, reduction: int = 16
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("num_classes", num_classes),
-            ("base_width", base_width),
-            ("reduction", reduction),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_positive(in_channels=in_channels, num_classes=num_classes, base_width=base_width, reduction=reduction)
         self.in_channels, self.num_classes, self.size_multiple = in_channels, num_classes, 16
         self.reduction = reduction
         widths = [base_width * 2**i for i in range(5)]  # w, 2w, 4w, 8w, 16w

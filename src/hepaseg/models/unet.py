@@ -24,20 +24,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from hepaseg.models.base import SegmentationModel
+from hepaseg.models.base import SegmentationModel, check_positive
 from hepaseg.models.blocks import DoubleConv, Down, OutConv, Up
 from hepaseg.models.registry import register_model
 
 __all__ = ["UNet", "unet"]
 
 NUM_LEVELS = 5
-
-
-def check_positive(**values: int) -> None:
-    """Raise ``ValueError`` naming the first argument that is not a positive integer."""
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class UNet(SegmentationModel):
