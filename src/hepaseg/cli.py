@@ -43,6 +43,16 @@ def user_errors(fn):
     return wrapper
 
 
+def _print_trained_and_written(result) -> None:
+    """The closing lines of `compare` and `crossval`: runs trained and files written."""
+    console.print(
+        f"trained {len(result.trained)} run(s) in {result.wall_seconds / 60:.1f} min; written to {result.out}:",
+        highlight=False,
+    )
+    for key, path in result.paths.items():
+        console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         console.print(f"hepaseg {__version__}")
@@ -480,12 +490,7 @@ def compare_command(
             "-" if p is None else f"{p:.3g}",
         )
     console.print(table)
-    console.print(
-        f"trained {len(result.trained)} run(s) in {result.wall_seconds / 60:.1f} min; written to {result.out}:",
-        highlight=False,
-    )
-    for key, path in result.paths.items():
-        console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
+    _print_trained_and_written(result)
 
 
 # [cli:evaluation]
@@ -769,12 +774,7 @@ def crossval_command(
         table.add_row(name, mean("dice"), f"{100 * sum(pooled) / len(pooled):.2f}", mean("recall_iou"),
                       mean("recall_any"), mean("fp_lesions", 1.0), mean("fp_slice_rate"))
     console.print(table)
-    console.print(
-        f"trained {len(result.trained)} run(s) in {result.wall_seconds / 60:.1f} min; written to {result.out}:",
-        highlight=False,
-    )
-    for key, path in result.paths.items():
-        console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
+    _print_trained_and_written(result)
 
 
 # [cli:inference]
