@@ -127,7 +127,7 @@ from hepaseg import __version__
 from hepaseg.data.roi import ROI_MODES, crop_slices, liver_crop_box
 from hepaseg.errors import HepasegError
 from hepaseg.io import find_cases, read_volume
-from hepaseg.io.atomic import write_json_atomic
+from hepaseg.io.atomic import replace_dir, write_json_atomic
 from hepaseg.io.volume import LABEL_TUMOR, Volume
 
 __all__ = [
@@ -577,7 +577,7 @@ def prepare(
         slices = "all" if target == "liver" else "tumor"
     (lo, hi), fractions, z_opts = _check_options(window, size, slices, context_slices, split, z_split, split_file)
     out = Path(out)
-    replace_previous = _check_out(out, overwrite)
+    _check_out(out, overwrite)
     split_path = Path(split_file) if split_file is not None else None
     file_assignment = _read_split_file(split_path) if split_path is not None else None
 
@@ -714,7 +714,7 @@ def prepare(
             "cases": cases,
         }
         write_json_atomic(tmp / "manifest.json", manifest)  # last file written
-        _move_into_place(tmp, out, replace_previous)
+        replace_dir(tmp, out)  # out is empty/absent unless overwrite was asked
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -722,19 +722,3 @@ def prepare(
     return manifest
 
 
-def _move_into_place(tmp: Path, out: Path, replace_previous: bool) -> None:
-    """Rename the finished temp dir onto ``out`` (moving a previous output aside first)."""
-    if out.is_dir() and not replace_previous:
-        out.rmdir()  # empty directory (checked by _check_out)
-    if not replace_previous:
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    old.rmdir()
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)  # put the previous output back
-        raise
-    shutil.rmtree(old, ignore_errors=True)

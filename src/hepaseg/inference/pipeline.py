@@ -49,6 +49,7 @@ from hepaseg.io import (
     LABEL_LIVER,
     LABEL_TUMOR,
     read_volume,
+    replace_dir,
     write_json_atomic,
     write_label_nifti,
     write_text_atomic,
@@ -128,24 +129,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
             f"{out_dir}: --out already holds files ({shown}): expected a new or empty directory. "
             "Pass --overwrite to replace it, or choose another --out; nothing was written"
         )
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished temp folder onto ``out_dir`` (moving an old one aside first)."""
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    old.rmdir()
-    os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)  # put the previous output back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_engine(checkpoint, onnx_model) -> tuple[Any, dict, str, str, dict]:
@@ -346,7 +329,7 @@ def predict_case(
         if metrics is not None:
             write_json_atomic(tmp / names["metrics"], {**metrics, "settings": settings})
         _check_out_dir(out_dir, overwrite)  # again: something may have appeared meanwhile
-        _publish(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

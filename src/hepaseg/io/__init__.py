@@ -1,6 +1,6 @@
 """Reading and writing CT volumes (LiTS, MSD Task03, 3D-IRCADb, NIfTI, DICOM, MRC)."""
 
-from hepaseg.io.atomic import atomic_dir, atomic_path, write_json_atomic, write_text_atomic
+from hepaseg.io.atomic import atomic_dir, atomic_path, replace_dir, write_json_atomic, write_text_atomic
 from hepaseg.io.volume import LABEL_BACKGROUND, LABEL_LIVER, LABEL_TUMOR, Volume
 
 from hepaseg.io.nifti import write_image_nifti, write_label_nifti
@@ -15,6 +15,7 @@ __all__ = [
     "Volume",
     "atomic_dir",
     "atomic_path",
+    "replace_dir",
     "find_cases",
     "read_volume",
     "write_image_nifti",

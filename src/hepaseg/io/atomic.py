@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_dir", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "atomic_dir", "replace_dir", "write_json_atomic", "write_text_atomic"]
 
 
 def _umask() -> int:
@@ -66,6 +66,30 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp_path, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Move a finished directory ``tmp`` onto ``out`` (same file system).
+
+    An empty ``out`` is removed first; a non-empty one (a previous output the caller decided to
+    replace) is renamed aside and deleted only after ``tmp`` is in place, and put back if that
+    rename fails, so ``out`` is never left half-written or missing.
+    """
+    tmp, out = Path(tmp), Path(out)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old.rmdir()
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)  # put the previous output back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
