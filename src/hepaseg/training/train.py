@@ -18,6 +18,7 @@ per device): only global rank 0 touches the run directory.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -53,6 +54,16 @@ from hepaseg.training.module import SegmentationModule
 __all__ = ["TrainResult", "resolve_config", "train"]
 
 CONFIG_FORMAT = "hepaseg-train/1"
+
+
+class _NoAdvertising(logging.Filter):
+    """Drop Lightning's "Tip: ... install litlogger" line: advice to install a cloud service, not run info."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertising())
 _RUN_MARKERS = ("config.json", "last.ckpt", "best.ckpt")
 
 
