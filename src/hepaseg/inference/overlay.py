@@ -87,7 +87,9 @@ def draw_overlay(
         pixel_area, unit, aspect = 1.0, "px", 1.0
     cols = min(3, len(slices))
     rows = math.ceil(len(slices) / cols)
-    fig = Figure(figsize=(4 * cols, 4 * rows + 0.4), dpi=100)
+    # constrained layout keeps each row's titles clear of the images above (tight_layout let
+    # them overlap once the axes are switched off).
+    fig = Figure(figsize=(4 * cols, 4 * rows + 0.4), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
@@ -105,7 +107,6 @@ def draw_overlay(
         ax.set_title("  ".join(parts), fontsize=9)
     legend = "red: prediction" + (", green: ground truth" if gt is not None else "")
     fig.suptitle(f"{title}  ({legend})" if title else legend, fontsize=10)
-    fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
