@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -128,6 +129,9 @@ def test_cli_train_one_epoch(tiny_data, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "best val_dice" in result.output and (out / "best.ckpt").is_file()
+    record = json.loads((out / "result.json").read_text())  # steps of this run over its epoch seconds
+    assert record["steps_per_second"] == pytest.approx(record["steps"] / sum(record["epoch_seconds"]))
+    assert record["peak_gpu_memory_bytes"] is None and "steps / s" in result.output  # CPU run: no GPU memory
     config = torch.load(out / "last.ckpt", weights_only=True)["hepaseg"]["config"]
     assert (config["schedule"], config["augment"], config["precision"]) == ("poly", False, "32-true")
     again = CliRunner().invoke(app, args)  # same RUN again: refused, one line, exit 1

@@ -304,6 +304,8 @@ def train_command(
         ("steps", str(result.steps)),
         ("s / epoch", per_epoch),
         ("wall s", f"{result.wall_seconds:.1f}"),
+        ("steps / s", "-" if result.steps_per_second is None else f"{result.steps_per_second:.2f}"),
+        ("peak GPU GiB", "-" if (peak := result.peak_gpu_memory_bytes) is None else f"{peak / 2**30:.2f}"),
         ("best.ckpt", str(result.best_checkpoint or "-")),
         ("last.ckpt", str(result.last_checkpoint or "-")),
     ):

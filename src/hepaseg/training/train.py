@@ -81,6 +81,8 @@ class TrainResult:
     seconds_per_epoch: float | None  # mean over the epochs completed in this invocation
     stopped_by_time: bool = False  # --max-minutes ran out
     epoch_seconds: list[float] = field(default_factory=list)  # each epoch of this invocation (train + val)
+    steps_per_second: float | None = None  # optimizer steps of this invocation / its epoch seconds (val included)
+    peak_gpu_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated of this process (rank 0 on DDP)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -210,11 +212,17 @@ def _train_options(config: TrainConfig) -> dict[str, Any]:
 
 
 class _EpochTimer(Callback):
-    """Wall time of each training epoch (train + validation) of this invocation."""
+    """Wall time of each training epoch (train + validation) and the steps of this invocation."""
 
     def __init__(self) -> None:
         self.durations: list[float] = []
         self._start = 0.0
+        self.first_step: int | None = None  # global_step when this invocation started (resume: > 0)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.first_step = int(trainer.global_step)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
@@ -369,6 +377,12 @@ def train(config: TrainConfig) -> TrainResult:
         seconds_per_epoch=(sum(epoch_timer.durations) / len(epoch_timer.durations)) if epoch_timer.durations else None,
         stopped_by_time=stopped_by_time,
         epoch_seconds=list(epoch_timer.durations),
+        steps_per_second=(
+            (int(trainer.global_step) - epoch_timer.first_step) / sum(epoch_timer.durations)
+            if epoch_timer.durations and epoch_timer.first_step is not None
+            else None
+        ),
+        peak_gpu_memory_bytes=int(torch.cuda.max_memory_allocated()) if on_gpu else None,
     )
     if trainer.is_global_zero:
         write_json_atomic(run / "result.json", result.to_dict())
