@@ -43,6 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hepaseg.models.base import SegmentationModel, check_positive
+
+# CS-Net's channel attention is DANet's CAM (softmax of row max - affinity, gamma init 0), as in its code.
+from hepaseg.models.danet import ChannelAttention
 from hepaseg.models.registry import register_model
 
 __all__ = [
@@ -122,24 +125,6 @@ class SpatialAttention(nn.Module):
         )
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (N, 1, HW, C); unscaled, as the reference
         out = out.squeeze(1).transpose(1, 2).reshape(n, c, h, w)
-        return self.gamma * out + x
-
-
-class ChannelAttention(nn.Module):
-    """Channel self-attention (no parameters but ``gamma``). ``(N, C, H, W) -> (N, C, H, W)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.zeros(1))
-
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """The channel affinity ``(N, C, C)``, rows sum to 1."""
-        a = x.flatten(2)  # (N, C, HW)
-        affinity = a @ a.transpose(1, 2)  # (N, C, C)
-        return torch.softmax(affinity.amax(dim=-1, keepdim=True) - affinity, dim=-1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = (self.attention(x) @ x.flatten(2)).reshape(x.shape)
         return self.gamma * out + x
 
 
