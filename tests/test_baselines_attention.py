@@ -213,7 +213,8 @@ def test_cam_rows_sum_to_one_identity_at_init_and_matches_reference():
 def test_danet_output_stride_is_8(shape):
     model = danet(base_width=4).eval()
     seen = []
-    model.encoder.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[-2:])))
+    # The encoder returns its four stage outputs; the last one feeds the attention head.
+    model.encoder.register_forward_hook(lambda m, i, o: seen.append(tuple(o[-1].shape[-2:])))
     model.head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[-2:])))
     out = model(torch.randn(shape))
     h, w = shape[-2:]

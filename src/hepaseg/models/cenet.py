@@ -108,21 +108,26 @@ class ResNet34Encoder(nn.Module):
     ``(N, in, H, W) -> [(N, w, H/4, W/4), (N, 2w, H/8, W/8), (N, 4w, H/16, W/16),
     (N, 8w, H/32, W/32)]``. Parameter names equal torchvision's ``resnet34`` so its
     state dict loads 1:1.
+
+    ``dilations`` (per stage, default all 1): a stage with dilation > 1 keeps stride 1
+    and dilates its convolutions instead (torchvision's ``replace_stride_with_dilation``);
+    ``(1, 1, 2, 4)`` gives DANet's output stride 8, every stage then at ``H/8, W/8``.
     """
 
-    def __init__(self, in_channels: int, base_width: int) -> None:
+    def __init__(self, in_channels: int, base_width: int, *, dilations: tuple[int, ...] = (1, 1, 1, 1)) -> None:
         super().__init__()
         widths = [base_width * 2**i for i in range(4)]  # w, 2w, 4w, 8w
         self.conv1 = nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        layers, prev = [], widths[0]
-        for i, (width, depth) in enumerate(zip(widths, (3, 4, 6, 3))):
-            stride = 1 if i == 0 else 2
-            blocks = [BasicBlock(prev, width, stride=stride)] + [BasicBlock(width, width) for _ in range(depth - 1)]
+        layers, prev, prev_dilation = [], widths[0], 1
+        for i, (width, depth, dilation) in enumerate(zip(widths, (3, 4, 6, 3), dilations, strict=True)):
+            stride = 1 if i == 0 or dilation > 1 else 2
+            blocks = [BasicBlock(prev, width, stride=stride, dilation=prev_dilation)]
+            blocks += [BasicBlock(width, width, dilation=dilation) for _ in range(depth - 1)]
             layers.append(nn.Sequential(*blocks))
-            prev = width
+            prev, prev_dilation = width, dilation
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         for m in self.modules():  # torchvision's ResNet init
             if isinstance(m, nn.Conv2d):

@@ -45,49 +45,16 @@ from torch import nn
 
 from hepaseg.models.base import SegmentationModel, check_positive
 from hepaseg.models.blocks import ConvBNReLU
-from hepaseg.models.cenet import BasicBlock
+from hepaseg.models.cenet import ResNet34Encoder
 from hepaseg.models.registry import register_model
 
 __all__ = [
     "ChannelAttention",
     "DANet",
-    "DilatedResNet34Encoder",
     "DualAttentionHead",
     "PositionAttention",
     "danet",
 ]
-
-
-class DilatedResNet34Encoder(nn.Module):
-    """ResNet-34 with dilation 2 and 4 in the last two stages (output stride 8).
-
-    ``(N, in, H, W) -> (N, 8w, H/8, W/8)``.
-    """
-
-    def __init__(self, in_channels: int, base_width: int) -> None:
-        super().__init__()
-        widths = [base_width * 2**i for i in range(4)]  # w, 2w, 4w, 8w
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        # (stride, dilation) per stage; stages 3-4 trade stride for dilation.
-        plan = [(1, 1), (2, 1), (1, 2), (1, 4)]
-        layers, prev, prev_dilation = [], widths[0], 1
-        for width, depth, (stride, dilation) in zip(widths, (3, 4, 6, 3), plan):
-            blocks = [BasicBlock(prev, width, stride=stride, dilation=prev_dilation)]
-            blocks += [BasicBlock(width, width, dilation=dilation) for _ in range(depth - 1)]
-            layers.append(nn.Sequential(*blocks))
-            prev, prev_dilation = width, dilation
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        for m in self.modules():  # torchvision's ResNet init
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N, w, H/4, W/4)
-        x = self.layer2(self.layer1(x))  # (N, 2w, H/8, W/8)
-        return self.layer4(self.layer3(x))  # (N, 8w, H/8, W/8)
 
 
 class PositionAttention(nn.Module):
@@ -178,11 +145,12 @@ class DANet(SegmentationModel):
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         self.in_channels, self.num_classes, self.size_multiple = in_channels, num_classes, 8
-        self.encoder = DilatedResNet34Encoder(in_channels, base_width)
+        # Dilated ResNet-34: stages 3-4 trade stride for dilation 2 and 4 (output stride 8).
+        self.encoder = ResNet34Encoder(in_channels, base_width, dilations=(1, 1, 2, 4))
         self.head = DualAttentionHead(8 * base_width, num_classes, dropout=float(dropout))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.encoder(x))  # (N, num_classes, H/8, W/8)
+        logits = self.head(self.encoder(x)[-1])  # (N, num_classes, H/8, W/8)
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
 
 
