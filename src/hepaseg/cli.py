@@ -114,6 +114,11 @@ def prepare_command(
         Optional[str], typer.Option(help="liver: crop each case to its labelled liver's box (cascade tumour stage).")
     ] = None,
     roi_margin: Annotated[float, typer.Option(help="Margin around the liver box with --roi liver, mm.")] = 10.0,
+    val_fraction: Annotated[
+        Optional[float],
+        typer.Option(help="Validate on the last z-block (this share) of each TRAINING patient, as crossval; "
+                          "needs --split VAL 0, e.g. --split 1,0,0."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a previous prepare output at --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -136,6 +141,7 @@ def prepare_command(
         target=target,
         roi=roi,
         roi_margin_mm=roi_margin,
+        val_fraction=val_fraction,
         overwrite=overwrite,
         progress=progress,
         console=console,
@@ -313,6 +319,8 @@ def train_command(
     if result.stopped_by_time:
         table.add_row("stopped", f"--max-minutes {max_minutes}")
     console.print(table)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
 # [cli:training]

@@ -18,7 +18,8 @@ Prepared dataset format (``hepaseg-slices/1``)
                   "context_slices": K, "split": [0.7, 0.1, 0.2] or null,
                   "split_file": path or null, "seed": S, "z_split": null or {...},
                   "target": "liver"            (only with --target liver; absent = "tumor"),
-                  "roi": "liver", "roi_margin_mm": 10.0   (only with --roi liver; absent = whole slices)},
+                  "roi": "liver", "roi_margin_mm": 10.0   (only with --roi liver; absent = whole slices),
+                  "val_fraction": 0.15, "val_gap": 2K+2   (only with --val-fraction; see below)},
       "demo_z_split": false,          # true when z_split was used: NOT a patient-level split
       "orientation": "LPS: ...",      # every case is sliced in this one canonical orientation
       "cases": [ {"id": "ircadb-1.1", "source": "...", "kind": "ircadb",
@@ -88,6 +89,15 @@ train has one (so 1 case -> train only; 3 cases with the default -> 2/0/1;
 10 -> 7/1/2). ``split_file``: JSON ``{"train": [ids], "val": [...], "test": [...]}``
 naming every case exactly once.
 
+``val_fraction`` (``--val-fraction F``): validation WITHOUT giving up a patient. Every
+TRAINING patient's kept slices are cut along z by the rule ``hepaseg crossval`` uses for its
+folds (:mod:`hepaseg.data.zval`): the last ``F`` of them (at least one) become the case
+``<id>-z:val`` (split ``val``), the slices more than ``2K + 2`` z positions below that block
+``<id>-z:train``; each entry records ``patient: <id>``. The patient-level ``val`` fraction
+must then be 0 (``--split 0.8,0,0.2``, or ``--split 1,0,0`` to train on every patient) and a
+split file must list no ``val`` case. Validation scores on such a set are optimistic (slices
+of the training patients), so ``hepaseg evaluate`` and ``compare`` say so in their tables.
+
 ``z_split`` (demos only, a single-volume source): the volume's z range is cut
 into three contiguous blocks (train lowest z, then val, then test) of the
 given fractions, separated by ``gap`` unused slices (default ``2K + 2``, so no
@@ -127,6 +137,7 @@ from rich.table import Table
 
 from hepaseg import __version__
 from hepaseg.data.roi import ROI_MODES, crop_slices, liver_crop_box
+from hepaseg.data.zval import check_val_fraction, split_case_along_z, val_note, z_val_gap
 from hepaseg.errors import HepasegError
 from hepaseg.io import CANONICAL_DESCRIPTION, find_cases, read_volume
 from hepaseg.io.atomic import replace_dir, write_json_atomic
@@ -345,6 +356,9 @@ def summary_table(manifest: dict[str, Any], *, title: str = "prepared slices") -
         f"{total_px:,}",
         parts,
     )
+    note = val_note(manifest)
+    if note is not None:
+        table.caption = note
     return table
 
 
@@ -394,6 +408,34 @@ def _check_options(window, size, slices, context_slices, split, z_split, split_f
             "note": "demo only: contiguous z blocks of one patient, not a patient-level split",
         }
     return (lo, hi), fractions, z_opts
+
+
+def _check_val_fraction_split(val_fraction, fractions, z_opts) -> float:
+    """``--val-fraction`` as a float; refused with --z-split or with a patient-level val fraction."""
+    value = check_val_fraction(val_fraction)
+    if z_opts is not None:
+        raise HepasegError("--val-fraction and --z-split: expected at most one of them, got both. --z-split "
+                           "already cuts its one volume into train/val/test blocks")
+    if fractions is not None and fractions[1] > 0:
+        raise HepasegError(
+            f"--val-fraction {value:g} with --split VAL {fractions[1]:g}: expected VAL = 0 (the validation set "
+            "is the last z-block of each training patient, not val patients). Use e.g. --split 1,0,0 or "
+            "--split 0.8,0,0.2"
+        )
+    return value
+
+
+def _split_training_patients(root: Path, cases: list[dict[str, Any]], val_fraction: float,
+                             gap: int) -> list[dict[str, Any]]:
+    """Replace each ``train`` case by its ``-z:train`` / ``-z:val`` blocks (shards rewritten in ``root``)."""
+    out: list[dict[str, Any]] = []
+    for case in cases:
+        if case["split"] != "train":
+            out.append(case)
+            continue
+        out += split_case_along_z(root, case, root, val_fraction=val_fraction, gap=gap)
+        (root / case["shard"]).unlink()  # replaced by the two blocks
+    return out
 
 
 def _check_fractions(values, option: str) -> list[float]:
@@ -524,6 +566,7 @@ def prepare(
     target: str = "tumor",
     roi: str | None = None,
     roi_margin_mm: float = 10.0,
+    val_fraction: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
     console: Console | None = None,
@@ -548,6 +591,9 @@ def prepare(
         roi: None (default: whole slices) or ``"liver"``: crop each case to its liver box
             (tumour target only; see the module docstring).
         roi_margin_mm: margin of the liver box in mm, >= 0 (default 10).
+        val_fraction: None (default) or a fraction in (0, 0.5]: validate on the last z-block of
+            every training patient (the crossval rule, :mod:`hepaseg.data.zval`) instead of on
+            val patients; the split's val fraction must be 0.
         overwrite: replace a previous prepare output at ``out``.
         progress: show a progress bar over volumes.
         console: where the progress bar and summary table go (default: stdout).
@@ -578,10 +624,17 @@ def prepare(
     if slices is None:
         slices = "all" if target == "liver" else "tumor"
     (lo, hi), fractions, z_opts = _check_options(window, size, slices, context_slices, split, z_split, split_file)
+    if val_fraction is not None:
+        val_fraction = _check_val_fraction_split(val_fraction, fractions, z_opts)
     out = Path(out)
     _check_out(out, overwrite)
     split_path = Path(split_file) if split_file is not None else None
     file_assignment = _read_split_file(split_path) if split_path is not None else None
+    if val_fraction is not None and file_assignment is not None and "val" in file_assignment.values():
+        raise HepasegError(
+            f"{split_path}: --val-fraction with val cases in the split file: expected no 'val' case (the "
+            "validation set is the last z-block of each training patient). Move them to train or test"
+        )
 
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -695,6 +748,14 @@ def prepare(
                 assignment = split_cases(ids, fractions, seed=seed)  # type: ignore[arg-type]
             for c in cases:
                 c["split"] = assignment[c["id"]]
+        if val_fraction is not None:
+            cases = _split_training_patients(tmp, cases, val_fraction, z_val_gap(context_slices))
+            if not any(c["split"] == "val" for c in cases):
+                console.print(
+                    f"[yellow]warning:[/] --val-fraction {val_fraction:g}: no training patient has enough kept "
+                    "slices for a validation block; `hepaseg train` will train without validation (last.ckpt only)",
+                    highlight=False,
+                )
 
         manifest = {
             "format": FORMAT,
@@ -712,6 +773,8 @@ def prepare(
                 # Only when not the defaults, so whole-slice tumour manifests read as before the cascade.
                 **({"target": target} if target != "tumor" else {}),
                 **({"roi": roi, "roi_margin_mm": roi_margin_mm} if roi is not None else {}),
+                **({"val_fraction": val_fraction, "val_gap": z_val_gap(context_slices)}
+                   if val_fraction is not None else {}),
             },
             "demo_z_split": z_opts is not None,
             "orientation": CANONICAL_DESCRIPTION,

@@ -231,24 +231,6 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
-def _val_rows(z: np.ndarray, val_fraction: float, gap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (train, val) of one patient's kept slices ``z`` (ascending original indices).
-
-    Val = the last ``max(1, round(val_fraction * n))`` kept slices; train = the kept slices more
-    than ``gap`` z positions below the first val slice. A patient too small to leave a training
-    block keeps every slice for training (and gives no val slice).
-    """
-    n = z.size
-    if n == 0:
-        return np.arange(0), np.arange(0)
-    n_val = max(1, math.floor(val_fraction * n + 0.5))
-    first_val = z[n - n_val]
-    train = np.flatnonzero(z < first_val - gap)
-    if train.size == 0:
-        return np.arange(n), np.arange(0)
-    return train, np.arange(n - n_val, n)
-
-
 def make_fold_data(
     pool: str | os.PathLike,
     dest: str | os.PathLike,
@@ -280,6 +262,7 @@ def make_fold_data(
         HepasegError: unknown ``held_out``, or no training or no validation slice left.
     """
     from hepaseg.data import read_manifest
+    from hepaseg.data.zval import split_case_along_z, z_val_gap
 
     pool, dest = Path(pool), Path(dest)
     if not 0.0 < float(val_fraction) <= 0.5:
@@ -289,30 +272,15 @@ def make_fold_data(
     if held_out not in ids:
         raise HepasegError(f"{pool / 'manifest.json'}: held-out case {held_out!r} is not prepared: expected one of "
                            f"{', '.join(ids)}. Use a new --out")
-    gap = 2 * int(manifest["options"].get("context_slices", 0)) + 2
+    gap = z_val_gap(manifest["options"].get("context_slices", 0))
     cases: list[dict[str, Any]] = []
     with atomic_dir(dest) as tmp:
         (tmp / "cases").mkdir()
         for case in manifest["cases"]:
             if case["id"] == held_out:
                 continue  # the fold's test patient: nothing of it is copied
-            n = int(case["n_slices"])
-            z = np.asarray(case["kept_slices"], dtype=np.int64)
-            with np.load(pool / case["shard"]) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-            for split, rows in zip(("train", "val"), _val_rows(z, float(val_fraction), gap)):
-                if rows.size == 0:
-                    continue
-                cid = f"{case['id']}-z:{split}"
-                part = {k: (a[rows] if a.ndim and a.shape[0] == n else a) for k, a in arrays.items()}
-                shard = f"cases/{_safe_name(cid)}.npz"
-                np.savez_compressed(tmp / shard, **part)
-                label = part["label"]
-                entry = dict(case)
-                entry.update(id=cid, patient=case["id"], kept_slices=[int(z[i]) for i in rows],
-                             n_slices=int(rows.size), split=split, shard=shard,
-                             tumor_pixels=int((label == LABEL_TUMOR).sum()), liver_pixels=int((label > 0).sum()))
-                cases.append(entry)
+            # The same rule as `hepaseg prepare --val-fraction` (hepaseg.data.zval).
+            cases += split_case_along_z(pool, case, tmp, val_fraction=float(val_fraction), gap=gap)
         counts = {s: sum(c["n_slices"] for c in cases if c["split"] == s) for s in ("train", "val")}
         if not counts["train"] or not counts["val"]:
             raise HepasegError(

@@ -33,6 +33,9 @@ class SliceDataModule(L.LightningDataModule):
             so a dataset prepared with ``--target liver`` trains a liver stage.
         seed: seeds the shuffling order and the augmentation.
 
+    ``has_val`` says whether the manifest has validation slices; without any (``prepare --split
+    1,0,0``) ``val_set`` stays None and :func:`hepaseg.training.train` trains without validation.
+
     Attributes (after :meth:`setup`): ``train_set``, ``val_set``, ``in_channels``
     (``2K + 1`` with ``K`` context slices) and ``data_options`` (plain dict stored
     in checkpoints: window, size, context_slices, slices, target, and roi + roi_margin_mm for
@@ -58,13 +61,15 @@ class SliceDataModule(L.LightningDataModule):
         self.manifest = read_manifest(self.root)
         if target is None:
             self.target = self.manifest.get("options", {}).get("target") or "tumor"
-        for split in ("train", "val"):
-            if not any(c.get("split") == split for c in self.manifest.get("cases", [])):
-                raise HepasegError(
-                    f"{self.root / 'manifest.json'}: no {split!r} cases: expected at least one case in the "
-                    f"train and the val split. Prepare more cases, or use `hepaseg prepare --z-split` to hold "
-                    "out a block of slices of one case for validation"
-                )
+        cases = self.manifest.get("cases", [])
+        if not any(c.get("split") == "train" and c.get("n_slices", 1) for c in cases):
+            raise HepasegError(
+                f"{self.root / 'manifest.json'}: no 'train' slices: expected at least one case with slices in the "
+                "train split. Prepare more cases, or use `hepaseg prepare --split 1,0,0` to train on every patient"
+            )
+        # No validation slices at all (`prepare --split 1,0,0`, nnU-Net's fold "all"): training runs
+        # without validation; hepaseg.training.train warns and writes last.ckpt only.
+        self.has_val = any(c.get("split") == "val" and c.get("n_slices", 1) for c in cases)
         self.train_set = self.val_set = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -73,7 +78,8 @@ class SliceDataModule(L.LightningDataModule):
         self.train_set = SliceDataset(
             self.root, "train", augment=self.augment, target=self.target, seed=self.seed, **self.train_options
         )
-        self.val_set = SliceDataset(self.root, "val", augment=False, target=self.target, seed=self.seed)
+        if self.has_val:
+            self.val_set = SliceDataset(self.root, "val", augment=False, target=self.target, seed=self.seed)
 
     @property
     def in_channels(self) -> int:
@@ -105,7 +111,9 @@ class SliceDataModule(L.LightningDataModule):
             **self._loader_options(),
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:  # no validation slices: train() also sets limit_val_batches=0
+            return []
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, **self._loader_options())
 
     def _loader_options(self) -> dict[str, Any]:

@@ -7,7 +7,8 @@ callbacks and loggers into a Lightning ``Trainer``, and reports what happened.
 Run directory layout::
 
     RUN/config.json              resolved TrainConfig (written atomically at start)
-    RUN/best.ckpt, RUN/last.ckpt best val_dice / latest epoch (atomic writes)
+    RUN/best.ckpt, RUN/last.ckpt best val_dice / latest epoch (atomic writes); last.ckpt only when
+                                 the data has no validation slices (`prepare --split 1,0,0`)
     RUN/result.json              TrainResult of the last invocation
     RUN/logs/csv/version_N/metrics.csv, RUN/logs/tensorboard/version_N/  one version per invocation
 
@@ -40,7 +41,7 @@ from lightning.pytorch.callbacks import (
     Timer,
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from hepaseg.data.prepare import read_manifest
 from hepaseg.errors import HepasegError
@@ -83,6 +84,7 @@ class TrainResult:
     epoch_seconds: list[float] = field(default_factory=list)  # each epoch of this invocation (train + val)
     steps_per_second: float | None = None  # optimizer steps of this invocation / its epoch seconds (val included)
     peak_gpu_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated of this process (rank 0 on DDP)
+    warnings: list[str] = field(default_factory=list)  # e.g. trained without validation
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -211,13 +213,42 @@ def _train_options(config: TrainConfig) -> dict[str, Any]:
     return options
 
 
+def _validation_warnings(config: TrainConfig, datamodule: SliceDataModule) -> list[str]:
+    """Check the validation set against the config; return the warnings of a run without one.
+
+    Raises:
+        HepasegError: early stopping asked for on data without validation slices (it watches
+            val_dice). Raised before the run directory is touched.
+    """
+    from hepaseg.data.zval import val_note
+
+    manifest_path = Path(config.data) / "manifest.json"
+    if datamodule.has_val:
+        note = val_note(datamodule.manifest)
+        if note is not None:
+            rank_zero_info(f"hepaseg: {note}; best.ckpt is chosen on it")
+        return []
+    if config.early_stopping_patience:
+        raise HepasegError(
+            f"--early-stopping-patience: {manifest_path} has no validation slices: expected a val split to watch "
+            "(early stopping stops when val_dice stops improving). Drop --early-stopping-patience and set "
+            "--max-epochs / --max-minutes, or prepare with --val-fraction 0.15 (the last z-block of each training "
+            "patient) or a val patient"
+        )
+    message = (f"{manifest_path} has no validation slices: training on every slice without validation "
+               "(nnU-Net's fold 'all'); writing last.ckpt only (no best.ckpt, no val_dice). Use last.ckpt")
+    rank_zero_warn(f"hepaseg: {message}")
+    return [message]
+
+
 class _EpochTimer(Callback):
     """Wall time of each training epoch (train + validation) and the steps of this invocation."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, validates: bool = True) -> None:
         self.durations: list[float] = []
         self._start = 0.0
         self.first_step: int | None = None  # global_step when this invocation started (resume: > 0)
+        self.validates = validates  # without validation, an epoch ends at on_train_epoch_end
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.first_step = int(trainer.global_step)
@@ -228,7 +259,11 @@ class _EpochTimer(Callback):
         self._start = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
+        if self.validates and not trainer.sanity_checking:
+            self.durations.append(time.perf_counter() - self._start)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self.validates:
             self.durations.append(time.perf_counter() - self._start)
 
 
@@ -255,6 +290,7 @@ def train(config: TrainConfig) -> TrainResult:
         seed=config.seed,
         train_options=_train_options(config),
     )
+    run_warnings = _validation_warnings(config, datamodule)
     loss = build_loss(config.loss)
     L.seed_everything(config.seed, workers=True, verbose=False)  # before the network draws its weights
     datamodule.setup("fit")
@@ -294,7 +330,8 @@ def train(config: TrainConfig) -> TrainResult:
     )
 
     # Two checkpointers: Lightning's save_last only writes when the monitored metric improves, but
-    # --resume needs the latest epoch every epoch.
+    # --resume needs the latest epoch every epoch. Without validation slices there is no "best".
+    validates = datamodule.has_val
     checkpointer = ModelCheckpoint(
         dirpath=run,
         filename="best",
@@ -303,7 +340,7 @@ def train(config: TrainConfig) -> TrainResult:
         save_top_k=1,
         enable_version_counter=False,
         auto_insert_metric_name=False,
-    )
+    ) if validates else None
     last_checkpointer = ModelCheckpoint(
         dirpath=run,
         filename="last",
@@ -312,9 +349,9 @@ def train(config: TrainConfig) -> TrainResult:
         enable_version_counter=False,
         auto_insert_metric_name=False,
     )
-    epoch_timer = _EpochTimer()
+    epoch_timer = _EpochTimer(validates=validates)
     callbacks: list[Callback] = [
-        checkpointer,
+        *([checkpointer] if checkpointer is not None else []),
         last_checkpointer,
         epoch_timer,
         DatasetEpoch(),
@@ -351,6 +388,7 @@ def train(config: TrainConfig) -> TrainResult:
         enable_progress_bar=show_progress,
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
+        **({} if validates else {"limit_val_batches": 0, "num_sanity_val_steps": 0}),
     )
     with warnings.catch_warnings():
         # config.json is written first, so Lightning's "checkpoint directory is not empty" is expected.
@@ -363,7 +401,7 @@ def train(config: TrainConfig) -> TrainResult:
         # The budget can end mid-epoch, after the last end-of-epoch save: save the state reached.
         trainer.save_checkpoint(last)
         rank_zero_info(f"hepaseg: --max-minutes {config.max_minutes} reached; saved {last}")
-    best_score = checkpointer.best_model_score
+    best_score = checkpointer.best_model_score if checkpointer is not None else None
     best_val = float(best_score) if best_score is not None and math.isfinite(float(best_score)) else None
     best = run / "best.ckpt"
     result = TrainResult(
@@ -383,6 +421,7 @@ def train(config: TrainConfig) -> TrainResult:
             else None
         ),
         peak_gpu_memory_bytes=int(torch.cuda.max_memory_allocated()) if on_gpu else None,
+        warnings=run_warnings,
     )
     if trainer.is_global_zero:
         write_json_atomic(run / "result.json", result.to_dict())
