@@ -26,7 +26,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,9 @@ from torch.utils.data import DataLoader, Subset
 
 from hepaseg import __version__
 from hepaseg.data import SPLITS, SliceDataset, read_manifest
+from hepaseg.data.zval import val_note
 from hepaseg.errors import HepasegError
+from hepaseg.evaluation.ensemble import check_members, ensemble_name, ensemble_probabilities
 from hepaseg.evaluation.metrics import slice_metrics
 from hepaseg.evaluation.report import summarize_slices, table1_markdown, write_slice_csv
 from hepaseg.io.atomic import write_json_atomic, write_text_atomic
@@ -86,6 +88,8 @@ class EvaluationResult:
     demo_z_split: bool = False
     out_dir: Path | None = None
     paths: dict[str, Path] = field(default_factory=dict)
+    members: list[str] = field(default_factory=list)  # every checkpoint of an ensemble (checkpoint = the first)
+    val_note: str | None = None  # set when the dataset validates on z-blocks of training patients
 
     def to_json(self) -> dict[str, Any]:
         """The ``metrics.json`` content (NaN/inf made JSON-safe by :func:`json_safe`)."""
@@ -95,6 +99,8 @@ class EvaluationResult:
                 "hepaseg_version": __version__,
                 "model": self.model_name,
                 "checkpoint": {"path": str(self.checkpoint), **self.checkpoint_info},
+                "members": self.members or [str(self.checkpoint)],
+                "val_note": self.val_note,
                 "data": str(self.data),
                 "split": self.split,
                 "demo_z_split": self.demo_z_split,
@@ -180,45 +186,44 @@ def _exact_fp32() -> Iterator[None]:
 
 
 def predict_slices(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Sequence[torch.nn.Module],
     dataset: torch.utils.data.Dataset,
     *,
     batch: int = 8,
     threshold: float = 0.5,
     device: str | torch.device = "cpu",
+    tta: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Binary predictions and targets for every item of a slice dataset, in dataset order.
 
     Args:
-        model: network mapping ``(N, C, S, S)`` float32 to logits ``(N, 1, S, S)``; run in eval
-            mode, fp32, under ``torch.no_grad``.
+        model: network mapping ``(N, C, S, S)`` float32 to logits ``(N, 1, S, S)``, or a list of
+            them (an ensemble: the sigmoid probabilities are averaged,
+            :func:`hepaseg.evaluation.ensemble.ensemble_probabilities`); run in eval mode, fp32,
+            under ``torch.no_grad``.
         dataset: items ``(image (C, S, S), mask (1, S, S))`` (a :class:`SliceDataset` or a subset).
         batch: slices per forward pass (>= 1); results do not depend on it.
         threshold: tumour where ``sigmoid(logit) > threshold`` (strictly greater).
         device: where the network runs.
+        tta: also average the horizontal and vertical flips.
 
     Returns:
         ``(pred, target, forward_seconds)``: ``pred`` and ``target`` bool ``(N, S, S)``, and
         the wall time spent in forward passes (data loading excluded).
     """
     device = torch.device(device)
-    model = model.to(device).float().eval()
+    models = [m.to(device).float().eval() for m in (model if isinstance(model, (list, tuple)) else [model])]
     preds, targets = [], []
     forward_s = 0.0
     with _exact_fp32(), torch.no_grad():
         for image, mask in DataLoader(dataset, batch_size=batch, shuffle=False):
             x = image.to(device=device, dtype=torch.float32)
             t0 = time.perf_counter()
-            logits = model(x)  # (n, 1, S, S)
+            prob = ensemble_probabilities(models, x, tta=tta).mean  # (n, S, S)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # count the kernels, not just their launch
             forward_s += time.perf_counter() - t0
-            if logits.dim() != 4 or logits.shape[1] != 1:
-                raise HepasegError(
-                    f"model output has shape {tuple(logits.shape)}: expected (N, 1, H, W) tumour logits. "
-                    "Evaluate a checkpoint trained with one output class"
-                )
-            preds.append((torch.sigmoid(logits[:, 0]) > threshold).cpu().numpy())
+            preds.append((prob > threshold).cpu().numpy())
             targets.append(mask[:, 0].numpy() > 0.5)
     return np.concatenate(preds), np.concatenate(targets), forward_s
 
@@ -247,7 +252,7 @@ def _per_case(rows: list[dict[str, Any]], pred: np.ndarray, target: np.ndarray) 
 
 
 def evaluate_checkpoint(
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | Sequence[str | os.PathLike],
     data: str | os.PathLike,
     *,
     split: str = "test",
@@ -256,21 +261,25 @@ def evaluate_checkpoint(
     out: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     write: bool = True,
+    tta: bool = False,
 ) -> EvaluationResult:
     """Score a checkpoint on every labelled slice of one split, as in the paper's Table 1.
 
     Args:
-        checkpoint: ``RUN/best.ckpt`` (or ``last.ckpt``) written by ``hepaseg train``.
+        checkpoint: ``RUN/best.ckpt`` (or ``last.ckpt``) written by ``hepaseg train``, or several:
+            an ensemble whose probabilities are averaged (members must share their data options).
         data: prepared dataset directory (``hepaseg prepare`` output); its window, size and
             context_slices must equal the checkpoint's ``data_options``.
         split: ``"test"`` (default), ``"val"`` or ``"train"``.
         batch: slices per forward pass (default 8; >= 1). Results do not depend on it.
         threshold: probability in ``[0, 1]``; tumour where ``sigmoid > threshold`` (default 0.5).
-        out: output directory (default ``<checkpoint dir>/eval-<split>/``); files in it are
-            replaced atomically, ``metrics.json`` last.
+        out: output directory (default ``<checkpoint dir>/eval-<split>/``, or
+            ``eval-<split>-ensemble/`` beside the first of several); files in it are replaced
+            atomically, ``metrics.json`` last.
         device: ``None`` (default: CUDA when available, else CPU), ``"cpu"``, ``"cuda"``...
             Always fp32 (TF32 off, deterministic cuDNN), so results repeat exactly on one device.
         write: write the output files (default True).
+        tta: average the identity and the horizontal and vertical flips (default False).
 
     Returns:
         An :class:`EvaluationResult`. Its ``summary`` holds the mean and sd over slices of
@@ -302,12 +311,17 @@ def evaluate_checkpoint(
         raise HepasegError(f"--batch: invalid value: expected a positive integer, got {batch!r}")
     if not 0.0 <= float(threshold) <= 1.0:
         raise HepasegError(f"--threshold: invalid value: expected a probability in [0, 1], got {threshold!r}")
-    checkpoint, data = Path(checkpoint), Path(data)
+    members = [Path(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else [Path(c) for c in checkpoint]
+    if not members:
+        raise HepasegError("--checkpoint: expected at least one checkpoint from `hepaseg train`, got none")
+    checkpoint, data = members[0], Path(data)
     if not data.is_dir():
         raise HepasegError(f"{data}: data directory not found: expected a directory written by "
                            "`hepaseg prepare`. Check --data or run `hepaseg prepare SOURCES --out DIR`")
     manifest = read_manifest(data)
-    loaded = load_checkpoint(checkpoint)
+    all_loaded = [load_checkpoint(c) for c in members]
+    check_members([m.data_options for m in all_loaded], [str(c) for c in members])
+    loaded = all_loaded[0]
     check_data_options(manifest["options"], loaded.data_options, data=data, checkpoint=checkpoint)
     target = loaded.data_options.get("target") or "tumor"
     dataset = SliceDataset(data, split, augment=False, target=target)
@@ -323,8 +337,8 @@ def evaluate_checkpoint(
     t_loaded = time.perf_counter()
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pred, truth, forward_s = predict_slices(loaded.model, Subset(dataset, keep), batch=batch,
-                                            threshold=float(threshold), device=dev)
+    pred, truth, forward_s = predict_slices([m.model for m in all_loaded], Subset(dataset, keep), batch=batch,
+                                            threshold=float(threshold), device=dev, tta=tta)
     t_pred = time.perf_counter()
     rows = []
     for k, i in enumerate(keep):
@@ -335,7 +349,7 @@ def evaluate_checkpoint(
     t_metrics = time.perf_counter()
 
     result = EvaluationResult(
-        model_name=loaded.model_name,
+        model_name=ensemble_name([m.model_name for m in all_loaded]),
         checkpoint=checkpoint,
         data=data,
         split=split,
@@ -360,12 +374,16 @@ def evaluate_checkpoint(
             "metrics": loaded.metrics,
             "version": loaded.version,
         },
-        options={"batch": batch, "device": str(dev), "precision": "fp32", "target": target,
+        options={"batch": batch, "device": str(dev), "precision": "fp32", "target": target, "tta": bool(tta),
+                 "n_members": len(members),
                  "data_options": {k: manifest["options"].get(k) for k in (*_MATCHED_OPTIONS, "slices")}},
         demo_z_split=bool(manifest.get("demo_z_split", False)),
+        members=[str(c) for c in members],
+        val_note=val_note(manifest),
     )
     if write:
-        out_dir = Path(out) if out is not None else checkpoint.parent / f"eval-{split}"
+        default = f"eval-{split}" if len(members) == 1 else f"eval-{split}-ensemble"
+        out_dir = Path(out) if out is not None else checkpoint.parent / default
         _write_outputs(result, out_dir)
         result.timings["total"] = time.perf_counter() - t_start
         # metrics.json last: its presence means the evaluation is complete.
@@ -394,4 +412,10 @@ def _write_outputs(result: EvaluationResult, out_dir: Path) -> None:
     if result.demo_z_split:
         lines.append("Warning: demo z-split (contiguous z blocks of one patient), not a patient-level split; "
                      "scores are optimistic.")
+    if result.val_note is not None:
+        lines.append(("Warning: " if result.split == "val" else "Note: ") + result.val_note + ".")
+    if len(result.members) > 1 or result.options.get("tta"):
+        lines.append(f"Ensemble of {len(result.members)} checkpoint(s) (probabilities averaged"
+                     f"{' over members and flips' if result.options.get('tta') else ''}): "
+                     + ", ".join(f"`{m}`" for m in result.members) + ".")
     result.paths["table"] = write_text_atomic(out_dir / "table.md", "\n".join(lines) + "\n")

@@ -35,6 +35,14 @@ What :func:`predict_cascade` does with a ``(z, y, x)`` CT volume
    ball, so a lesion on the liver's edge, which the liver stage may have partly missed,
    survives, while tumour-like tissue elsewhere in the abdomen does not.
 
+Either stage may be an ensemble (a list of networks sharing their data options, e.g.
+``--liver-checkpoint`` given several times): its probabilities are the mean over members and
+flips (:mod:`hepaseg.inference.ensemble`). With ``details=True`` the result also carries the
+probabilities behind both masks, the tumour stage's uncertainty and member votes, on the
+volume's grid: the tumour probability is 0 where the tumour stage did not run (outside the
+box and slices of step 5) and outside the kept region of step 7, so that
+``tumor == (tumor_probability > threshold)`` exactly.
+
 Validation (:func:`check_cascade`): the liver checkpoint must have ``target == "liver"`` and no
 ``roi``; the tumour checkpoint must have ``target == "tumor"`` (or none, as older checkpoints).
 Both checkpoints' ``context_slices`` must fit the volume (checked by the predictor on each stage).
@@ -46,7 +54,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +64,8 @@ from torch import nn
 
 from hepaseg.data.roi import ROI_MODES, crop_slices, liver_crop_box, paste_slices
 from hepaseg.errors import HepasegError
-from hepaseg.inference.predictor import check_volume_for_model, predict_volume
+from hepaseg.inference.ensemble import as_model_list, predict_ensemble, vote_dtype
+from hepaseg.inference.predictor import check_volume_for_model
 from hepaseg.inference.preprocess import parse_data_options
 
 __all__ = [
@@ -89,6 +98,11 @@ class CascadeResult:
             when the tumour stage did not run.
         tumor_slices: ``(z0, z1)`` half-open range of slices the tumour stage predicted, or None.
         timings: seconds of the ``liver`` and ``tumor`` stages.
+        liver_probability, tumor_probability: float32 ``(z, y, x)`` (``details=True``; else None).
+        tumor_uncertainty: float32 ``(z, y, x)`` sd over tumour members and flips (``details=True``).
+        tumor_votes: per-voxel bit field of the tumour members (``details=True``; see
+            :class:`~hepaseg.inference.ensemble.EnsemblePrediction`).
+        n_members: ``(liver members, tumour members)``.
     """
 
     liver: np.ndarray
@@ -97,6 +111,11 @@ class CascadeResult:
     crop_box: tuple[int, int, int, int] | None = None
     tumor_slices: tuple[int, int] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    liver_probability: np.ndarray | None = None
+    tumor_probability: np.ndarray | None = None
+    tumor_uncertainty: np.ndarray | None = None
+    tumor_votes: np.ndarray | None = None
+    n_members: tuple[int, int] = (1, 1)
 
 
 def require_liver_stage(tumor_options: Mapping[str, Any], *, source: str = "--checkpoint") -> None:
@@ -247,9 +266,9 @@ def _slice_range(z0: int, z1: int, k: int, n_z: int, needed: int) -> tuple[int, 
 
 
 def predict_cascade(
-    liver_model: nn.Module | Callable,
+    liver_model: nn.Module | Callable | Sequence,
     liver_options: Mapping[str, Any],
-    tumor_model: nn.Module | Callable,
+    tumor_model: nn.Module | Callable | Sequence,
     tumor_options: Mapping[str, Any],
     volume,
     *,
@@ -261,19 +280,22 @@ def predict_cascade(
     device: str | None = None,
     precision: str = "auto",
     progress: bool = True,
+    details: bool = False,
 ) -> CascadeResult:
     """Liver, then tumour inside it, for one CT volume (see the module docstring for the steps).
 
     Args:
-        liver_model, liver_options: the liver stage (network ``(N, 2K+1, S, S) -> (N, 1, S, S)``
-            logits and its checkpoint's data options, ``target == "liver"``).
-        tumor_model, tumor_options: the tumour stage (``roi == "liver"`` for crops, or whole slices).
+        liver_model, liver_options: the liver stage (a network ``(N, 2K+1, S, S) -> (N, 1, S, S)``
+            logits, or a list of them, and the checkpoint's data options, ``target == "liver"``).
+        tumor_model, tumor_options: the tumour stage (``roi == "liver"`` for crops, or whole slices);
+            a network or a list of them.
         volume: a :class:`hepaseg.io.Volume` (``image`` ``(z, y, x)`` HU and ``spacing`` mm).
         batch, tta, device, precision, progress: as :func:`~hepaseg.inference.predict_volume`,
             for both stages.
         threshold: tumour probability threshold (default 0.5, strictly greater).
         liver_threshold: liver probability threshold (default 0.5).
         keep_margin_mm: tumour farther than this from the liver (mm) is dropped (default 5).
+        details: also return the probabilities, the tumour uncertainty and member votes.
 
     Returns:
         :class:`CascadeResult` with uint8 ``liver`` and ``tumor`` masks of the volume's shape.
@@ -282,23 +304,35 @@ def predict_cascade(
         HepasegError: checkpoints that do not form a cascade (:func:`check_cascade`), or a volume
             too thin for either stage's context slices.
     """
+    liver_models, tumor_models = as_model_list(liver_model), as_model_list(tumor_model)
     image = np.asarray(volume.image)
     spacing = tuple(float(s) for s in volume.spacing)
     source = getattr(volume, "source", "") or getattr(volume, "case_id", "") or "input"
     check_cascade(liver_options, tumor_options)
-    liver_opts = check_volume_for_model(image, liver_options, model=liver_model, source=f"{source} (liver stage)")
-    tumor_opts = check_volume_for_model(image, tumor_options, model=tumor_model, source=f"{source} (tumour stage)")
+    for member in liver_models:
+        liver_opts = check_volume_for_model(image, liver_options, model=member, source=f"{source} (liver stage)")
+    for member in tumor_models:
+        tumor_opts = check_volume_for_model(image, tumor_options, model=member, source=f"{source} (tumour stage)")
     n_z, height, width = image.shape
     common = {"batch": batch, "tta": tta, "device": device, "precision": precision, "progress": progress}
+    n_members = (len(liver_models), len(tumor_models))
 
     t0 = time.perf_counter()
-    liver = predict_volume(liver_model, image, liver_opts, threshold=liver_threshold, **common)
-    liver = largest_component(liver > 0)
+    liver_pred = predict_ensemble(liver_models, image, liver_opts, **common)
+    liver = largest_component(liver_pred.probability > liver_threshold)
     timings = {"liver": time.perf_counter() - t0}
     tumor = np.zeros(image.shape, dtype=np.uint8)
+    extra: dict[str, Any] = {"n_members": n_members}
+    if details:
+        extra.update(liver_probability=liver_pred.probability,
+                     tumor_probability=np.zeros(image.shape, dtype=np.float32),
+                     tumor_uncertainty=np.zeros(image.shape, dtype=np.float32),
+                     tumor_votes=np.zeros(image.shape, dtype=vote_dtype(len(tumor_models))))
+    del liver_pred
     if not liver.any():
         timings["tumor"] = 0.0
-        return CascadeResult(liver.astype(np.uint8), tumor, [_NO_LIVER.format(thr=liver_threshold)], timings=timings)
+        return CascadeResult(liver.astype(np.uint8), tumor, [_NO_LIVER.format(thr=liver_threshold)],
+                             timings=timings, **extra)
 
     t0 = time.perf_counter()
     keep = dilate_mm(liver, spacing, keep_margin_mm)
@@ -313,9 +347,18 @@ def predict_cascade(
     # slice is repeated only at the volume's ends); their own predictions are discarded.
     a, b = _slice_range(z0, z1, tumor_opts.context_slices, n_z, max(2, tumor_opts.in_channels))
     crops = crop_slices(image, box, indices=np.arange(a, b))  # (b - a, side, side) HU
-    found = predict_volume(tumor_model, crops, tumor_opts, threshold=threshold, **common)  # at the box's size
-    tumor[z0:z1] = paste_slices(found[z0 - a : z1 - a], box, (height, width))
-    tumor &= keep
+    found = predict_ensemble(tumor_models, crops, tumor_opts, uncertainty=details, votes=details,
+                             threshold=threshold, **common)  # at the box's size
+    kept = keep[z0:z1]
+    probability = paste_slices(found.probability[z0 - a : z1 - a], box, (height, width))
+    probability[~kept] = 0.0  # dropped beyond keep_margin_mm of the liver
+    tumor[z0:z1] = probability > threshold
+    if details:
+        extra["tumor_probability"][z0:z1] = probability
+        extra["tumor_uncertainty"][z0:z1] = np.where(
+            kept, paste_slices(found.uncertainty[z0 - a : z1 - a], box, (height, width)), 0.0)
+        extra["tumor_votes"][z0:z1] = np.where(kept, paste_slices(found.votes[z0 - a : z1 - a], box,
+                                                                   (height, width)), 0)
     timings["tumor"] = time.perf_counter() - t0
     return CascadeResult(
         liver=liver.astype(np.uint8),
@@ -324,4 +367,5 @@ def predict_cascade(
         crop_box=tuple(int(v) for v in box),  # type: ignore[arg-type]
         tumor_slices=(z0, z1),
         timings=timings,
+        **extra,
     )

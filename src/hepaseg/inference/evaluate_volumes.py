@@ -15,7 +15,12 @@ and ``volumes.csv`` (one line per case).
 With ``liver_checkpoint`` the liver-first cascade (:mod:`hepaseg.inference.cascade`) predicts
 each case, exactly as ``hepaseg predict --liver-checkpoint`` does, and both stages are scored:
 the tumour as above, the liver (largest component) against ``label > 0`` in the ``liver_*``
-columns (:data:`LIVER_CSV_COLUMNS`) and a ``summary["liver"]`` section.
+columns (:data:`LIVER_CSV_COLUMNS`) and a ``summary["liver"]`` section, plus the predicted and
+reference liver volumes and tumour burdens (:data:`BURDEN_CSV_COLUMNS`).
+
+Several tumour (or liver) checkpoints form an ensemble (:mod:`hepaseg.inference.ensemble`:
+probabilities averaged over members and flips); ``postprocess`` edits each predicted mask
+before it is scored (:mod:`hepaseg.inference.postprocess`; off by default).
 """
 
 from __future__ import annotations
@@ -36,12 +41,15 @@ from hepaseg.errors import HepasegError
 from hepaseg.evaluation.evaluate import json_safe
 from hepaseg.evaluation.metrics import global_dice, volume_metrics
 from hepaseg.inference.cascade import check_cascade, predict_cascade, require_liver_stage
-from hepaseg.inference.predictor import predict_volume
+from hepaseg.inference.ensemble import load_ensemble, predict_ensemble
+from hepaseg.inference.postprocess import PostProcess, postprocess_mask
 from hepaseg.io import find_cases, read_volume
 from hepaseg.io.atomic import atomic_path, write_json_atomic
 from hepaseg.io.volume import LABEL_TUMOR
 
-__all__ = ["LIVER_CSV_COLUMNS", "VOLUME_CSV_COLUMNS", "VolumeEvaluationResult", "evaluate_volumes"]
+__all__ = [
+    "BURDEN_CSV_COLUMNS", "LIVER_CSV_COLUMNS", "VOLUME_CSV_COLUMNS", "VolumeEvaluationResult", "evaluate_volumes",
+]
 
 #: Columns of ``volumes.csv``: distances in mm, fractions in [0, 1], counts in voxels.
 VOLUME_CSV_COLUMNS = (
@@ -52,6 +60,10 @@ VOLUME_CSV_COLUMNS = (
 LIVER_CSV_COLUMNS = (
     "liver_dice", "liver_jaccard", "liver_rvd", "liver_assd", "liver_hd95", "liver_hausdorff",
     "liver_intersection", "liver_pred_voxels", "liver_target_voxels", "warnings",
+)
+#: Columns added (after those) with a liver stage: volumes in mL, burden = % of the liver's voxels that are tumour.
+BURDEN_CSV_COLUMNS = (
+    "liver_volume_ml", "tumor_burden_percent", "reference_liver_volume_ml", "reference_tumor_burden_percent",
 )
 
 
@@ -75,6 +87,8 @@ class VolumeEvaluationResult:
     out_dir: Path | None = None
     paths: dict[str, Path] = field(default_factory=dict)
     liver_checkpoint: Path | None = None
+    checkpoints: list[Path] = field(default_factory=list)  # every member (checkpoint = the first)
+    liver_checkpoints: list[Path] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return json_safe({
@@ -82,7 +96,9 @@ class VolumeEvaluationResult:
             "hepaseg_version": __version__,
             "model": self.model_name,
             "checkpoint": str(self.checkpoint),
+            "checkpoints": [str(c) for c in self.checkpoints or [self.checkpoint]],
             "liver_checkpoint": None if self.liver_checkpoint is None else str(self.liver_checkpoint),
+            "liver_checkpoints": [str(c) for c in self.liver_checkpoints],
             "options": self.options,
             "summary": self.summary,
             "cases": self.rows,
@@ -94,8 +110,22 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def _paths(value) -> list[Path]:
+    if value is None:
+        return []
+    return [Path(value)] if isinstance(value, (str, os.PathLike)) else [Path(v) for v in value]
+
+
+def _burden(tumor: np.ndarray, liver: np.ndarray, spacing) -> tuple[float, float]:
+    """(liver volume mL, % of the liver's voxels that are tumour)."""
+    n_liver = int(np.count_nonzero(liver))
+    voxel_ml = float(np.prod(np.asarray(spacing, np.float64))) / 1000.0
+    burden = 100.0 * int(np.count_nonzero((tumor != 0) & (liver != 0))) / n_liver if n_liver else math.nan
+    return n_liver * voxel_ml, burden
+
+
 def evaluate_volumes(
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | Sequence[str | os.PathLike],
     sources: Sequence[str | os.PathLike],
     *,
     batch: int = 8,
@@ -104,12 +134,13 @@ def evaluate_volumes(
     device: str | None = "cpu",
     out: str | os.PathLike | None = None,
     progress: bool = False,
-    liver_checkpoint: str | os.PathLike | None = None,
+    liver_checkpoint: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    postprocess: PostProcess | None = None,
 ) -> VolumeEvaluationResult:
     """Predict each labelled case of ``sources`` and score it in 3D (distances in mm).
 
     Args:
-        checkpoint: ``RUN/best.ckpt`` from ``hepaseg train``.
+        checkpoint: ``RUN/best.ckpt`` from ``hepaseg train``, or several (an ensemble).
         sources: CT files or folders (anything :func:`hepaseg.io.find_cases` expands); cases
             without a label are skipped and listed in ``skipped``.
         batch: slices per forward pass (default 8).
@@ -118,10 +149,11 @@ def evaluate_volumes(
         tta: average the identity and the two flips (default False).
         device: ``"cpu"`` (default), ``"cuda"``, or ``None`` for CUDA when available. Always fp32.
         out: directory for ``volumes.json`` and ``volumes.csv`` (default
-            ``<checkpoint dir>/eval-volumes/``).
+            ``<first checkpoint's dir>/eval-volumes/``, ``eval-volumes-ensemble/`` for several).
         progress: show a progress bar per case (stderr).
-        liver_checkpoint: a liver-stage checkpoint: predict with the cascade and score both stages
-            (required for a tumour checkpoint trained with ``roi == "liver"``).
+        liver_checkpoint: a liver-stage checkpoint (or several): predict with the cascade and score
+            both stages (required for a tumour checkpoint trained with ``roi == "liver"``).
+        postprocess: applied to each predicted tumour mask before scoring (default None: none).
 
     Returns:
         A :class:`VolumeEvaluationResult`; rows hold :func:`volume_metrics` of each case
@@ -132,16 +164,19 @@ def evaluate_volumes(
             liver-cropped tumour checkpoint without ``liver_checkpoint``, or two checkpoints that
             do not form a cascade.
     """
-    from hepaseg.training import load_checkpoint
-
-    loaded = load_checkpoint(checkpoint)
+    postprocess = postprocess or PostProcess()
+    checkpoints, liver_checkpoints = _paths(checkpoint), _paths(liver_checkpoint)
+    if postprocess.needs_liver and not liver_checkpoints:
+        postprocess_mask(np.zeros((1, 1, 1)), (1, 1, 1), postprocess)  # raises the one-line error
+    loaded = load_ensemble(checkpoints, option="--checkpoint")
     liver = None
-    if liver_checkpoint is None:
-        require_liver_stage(loaded.data_options, source=f"--checkpoint {checkpoint}")
+    if not liver_checkpoints:
+        require_liver_stage(loaded.data_options, source=f"--checkpoint {checkpoints[0]}")
     else:
-        liver = load_checkpoint(liver_checkpoint)
-        check_cascade(liver.data_options, loaded.data_options, liver_source=f"--liver-checkpoint {liver_checkpoint}",
-                      tumor_source=f"--checkpoint {checkpoint}")
+        liver = load_ensemble(liver_checkpoints, option="--liver-checkpoint")
+        check_cascade(liver.data_options, loaded.data_options,
+                      liver_source=f"--liver-checkpoint {liver_checkpoints[0]}",
+                      tumor_source=f"--checkpoint {checkpoints[0]}")
     cases = find_cases(list(sources))
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -153,13 +188,15 @@ def evaluate_volumes(
         t0 = time.perf_counter()
         cascade = None
         if liver is None:
-            pred = predict_volume(loaded.model, volume, loaded.data_options, batch=batch, tta=tta,
-                                  threshold=threshold, device=device, precision="fp32", progress=progress)
+            pred = predict_ensemble(loaded.models, volume, loaded.data_options, batch=batch, tta=tta,
+                                    device=device, precision="fp32", progress=progress).mask(threshold)
         else:
-            cascade = predict_cascade(liver.model, liver.data_options, loaded.model, loaded.data_options, volume,
+            cascade = predict_cascade(liver.models, liver.data_options, loaded.models, loaded.data_options, volume,
                                       batch=batch, tta=tta, threshold=threshold, device=device, precision="fp32",
                                       progress=progress)
             pred = cascade.tumor
+        pred, _ = postprocess_mask(pred, volume.spacing, postprocess,
+                                   liver=None if cascade is None else cascade.liver)
         seconds = time.perf_counter() - t0
         metrics = volume_metrics(pred, volume.label == LABEL_TUMOR, volume.spacing)
         sz, sy, sx = (float(s) for s in volume.spacing)
@@ -169,6 +206,9 @@ def evaluate_volumes(
             liver_metrics = volume_metrics(cascade.liver, volume.label > 0, volume.spacing)
             row.update({f"liver_{k}": v for k, v in liver_metrics.items()})
             row["warnings"] = "; ".join(cascade.warnings)
+            row["liver_volume_ml"], row["tumor_burden_percent"] = _burden(pred, cascade.liver, volume.spacing)
+            row["reference_liver_volume_ml"], row["reference_tumor_burden_percent"] = _burden(
+                volume.label == LABEL_TUMOR, volume.label > 0, volume.spacing)
         rows.append(row)
     if not rows:
         raise HepasegError(
@@ -195,23 +235,28 @@ def evaluate_volumes(
             "dice_global": global_dice(liver_rows),
             **{k: _mean([r[k] for r in liver_rows]) for k in ("jaccard", "rvd", "assd", "hd95", "hausdorff")},
         }
+        summary["burden"] = {k: _mean([r[k] for r in rows if not math.isnan(r[k])]) for k in BURDEN_CSV_COLUMNS}
     result = VolumeEvaluationResult(
         model_name=loaded.model_name,
-        checkpoint=Path(checkpoint),
+        checkpoint=checkpoints[0],
         rows=rows,
         summary=summary,
         skipped=skipped,
         options={"batch": batch, "threshold": threshold, "tta": tta, "precision": "fp32",
-                 "device": device or "auto", "data_options": loaded.data_options,
-                 **({} if liver is None else {"liver_model": liver.model_name,
+                 "device": device or "auto", "data_options": loaded.data_options, "n_members": len(loaded),
+                 "postprocess": {**postprocess.as_dict(), "applied": postprocess.describe()},
+                 **({} if liver is None else {"liver_model": liver.model_name, "liver_members": len(liver),
                                               "liver_data_options": liver.data_options})},
-        liver_checkpoint=None if liver_checkpoint is None else Path(liver_checkpoint),
+        liver_checkpoint=liver_checkpoints[0] if liver_checkpoints else None,
+        checkpoints=checkpoints,
+        liver_checkpoints=liver_checkpoints,
     )
-    out_dir = Path(out) if out is not None else Path(checkpoint).parent / "eval-volumes"
+    default = "eval-volumes" if len(checkpoints) == 1 else "eval-volumes-ensemble"
+    out_dir = Path(out) if out is not None else checkpoints[0].parent / default
     out_dir.mkdir(parents=True, exist_ok=True)
     result.out_dir = out_dir
     with atomic_path(out_dir / "volumes.csv") as tmp, open(tmp, "w", newline="") as fh:
-        columns = VOLUME_CSV_COLUMNS + (LIVER_CSV_COLUMNS if liver is not None else ())
+        columns = VOLUME_CSV_COLUMNS + (LIVER_CSV_COLUMNS + BURDEN_CSV_COLUMNS if liver is not None else ())
         writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for row in rows:

@@ -146,11 +146,19 @@ def lesion_table(
 
 
 def lesions_to_csv(rows: list[dict]) -> str:
-    """CSV text of :func:`lesion_table` rows (centroids split into columns, mm; blank without affine)."""
+    """CSV text of :func:`lesion_table` rows (centroids split into columns, mm; blank without affine).
+
+    Rows that carry the columns of :func:`hepaseg.inference.lesion_stats.lesion_confidence`
+    (``hepaseg predict`` adds them) get them after the standard ones; NaN is written blank.
+    """
+    from hepaseg.inference.lesion_stats import LESION_CONFIDENCE_COLUMNS
+
+    extra = [c for c in LESION_CONFIDENCE_COLUMNS if rows and c in rows[0]]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LESION_CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=LESION_CSV_COLUMNS + extra, lineterminator="\n")
     writer.writeheader()
     for row in rows:
+        more = {c: "" if row[c] != row[c] else f"{row[c]:.4f}" for c in extra}  # NaN != NaN: blank
         z, y, x = row["centroid_mm"]
         r, a, s = row["centroid_ras"] if row["centroid_ras"] is not None else ("", "", "")
         writer.writerow(
@@ -168,6 +176,7 @@ def lesions_to_csv(rows: list[dict]) -> str:
                 "diameter_slice": row["diameter_slice"],
                 "first_slice": row["first_slice"],
                 "last_slice": row["last_slice"],
+                **more,
             }
         )
     return buf.getvalue()

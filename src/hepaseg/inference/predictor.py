@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from hepaseg.errors import HepasegError
+from hepaseg.evaluation.ensemble import flip_probabilities
 from hepaseg.inference.preprocess import DataOptions, parse_data_options, preprocess_slices, resize_slices
 
 __all__ = ["check_volume_for_model", "model_in_channels", "predict_volume", "resolve_device"]
@@ -110,23 +111,10 @@ def _probabilities(
     model: nn.Module | Callable, x: torch.Tensor, *, tta: bool, autocast: contextlib.AbstractContextManager
 ) -> torch.Tensor:
     """Sigmoid probabilities ``(N, H, W)`` float32 for ``x (N, C, H, W)``; TTA averages 3 flips."""
-    # Identity, horizontal (x, last axis) and vertical (y) flips; each flip is its own inverse.
-    flips: list[tuple[int, ...]] = [(), (-1,), (-2,)] if tta else [()]
-    total = None
-    for dims in flips:
-        xi = torch.flip(x, dims) if dims else x
-        with autocast:
-            logits = model(xi)
-        if isinstance(logits, np.ndarray):
-            logits = torch.from_numpy(logits)
-        if logits.dim() != 4 or logits.shape[1] != 1:
-            raise HepasegError(
-                f"model output has shape {tuple(logits.shape)}: expected (N, 1, H, W) tumour logits. "
-                "Use a checkpoint trained with target 'tumor' (num_classes=1)"
-            )
-        prob = torch.sigmoid(logits[:, 0].float())
-        prob = torch.flip(prob, dims) if dims else prob
-        total = prob if total is None else total + prob
+    flips = flip_probabilities(model, x, tta=tta, autocast=autocast)  # identity, then x and y flips
+    total = flips[0]
+    for prob in flips[1:]:
+        total = total + prob
     return total / len(flips)
 
 

@@ -4,7 +4,7 @@ from hepaseg.io.atomic import atomic_dir, atomic_path, replace_dir, write_json_a
 from hepaseg.io.orientation import CANONICAL_AXCODES, CANONICAL_DESCRIPTION, SourceGeometry, to_canonical
 from hepaseg.io.volume import LABEL_BACKGROUND, LABEL_LIVER, LABEL_TUMOR, Volume
 
-from hepaseg.io.nifti import write_array_nifti, write_image_nifti, write_label_nifti
+from hepaseg.io.nifti import write_array_nifti, write_image_nifti, write_label_nifti, write_probability_nifti
 from hepaseg.io.readers import find_cases, read_volume
 
 # [io:exports]
@@ -27,5 +27,6 @@ __all__ = [
     "write_image_nifti",
     "write_json_atomic",
     "write_label_nifti",
+    "write_probability_nifti",
     "write_text_atomic",
 ]

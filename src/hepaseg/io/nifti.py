@@ -31,6 +31,8 @@ __all__ = [
     "nifti_stem",
     "write_image_nifti",
     "write_label_nifti",
+    "write_probability_nifti",
+    "PROBABILITY_STEP",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -205,17 +207,55 @@ def write_array_nifti(array_zyx: np.ndarray, reference: Volume, path: str | os.P
     return _write_in_source_geometry(array_zyx, reference, path)
 
 
-def _write_in_source_geometry(array_zyx: np.ndarray, reference: Volume, path: str | os.PathLike) -> Path:
+#: Probabilities are stored as uint16 counts of this step (NIfTI ``scl_slope``): see write_probability_nifti.
+PROBABILITY_STEP = 1.0 / 65535.0
+
+
+def write_probability_nifti(probability_zyx: np.ndarray, reference: Volume, path: str | os.PathLike) -> Path:
+    """Write values in [0, 1] (probabilities, uncertainties) on ``reference``'s canonical grid, 2 bytes a voxel.
+
+    NIfTI-1 and -2 define no 16-bit float type (nibabel refuses float16), so the values are
+    stored as uint16 ``round(p * 65535)`` with ``scl_slope = 1/65535`` and ``scl_inter = 0``:
+    every reader that applies the slope (nibabel ``get_fdata``, SimpleITK, ITK-SNAP, 3D Slicer)
+    gets float probabilities back, exact to ``1/131070`` everywhere on [0, 1] (float16 would be
+    exact only to ``2.4e-4`` near 1), in the source's exact geometry (as :func:`write_label_nifti`).
+
+    Args:
+        probability_zyx: float ``(z, y, x)`` in [0, 1], the shape of ``reference`` (canonical order).
+        reference: the volume the values were computed on.
+        path: destination ending in ``.nii.gz`` (or ``.nii``); written atomically.
+    """
+    values = np.asarray(probability_zyx)
+    if values.shape != reference.shape:
+        raise HepasegError(
+            f"{path}: array shape mismatch: expected {reference.shape} (z, y, x) like {reference.case_id}, "
+            f"got {tuple(values.shape)}. Resample the array back to the source grid before writing."
+        )
+    if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+        raise HepasegError(f"{path}: values outside [0, 1]: expected probabilities, got range "
+                           f"{np.nanmin(values):g}..{np.nanmax(values):g}")
+    counts = np.rint(values.astype(np.float64) / PROBABILITY_STEP).astype(np.uint16)
+    return _write_in_source_geometry(counts, reference, path, slope=PROBABILITY_STEP)
+
+
+def _write_in_source_geometry(
+    array_zyx: np.ndarray, reference: Volume, path: str | os.PathLike, *, slope: float | None = None
+) -> Path:
     geometry = reference.source_geometry
     if geometry is None:
-        return _write_nifti(array_zyx, reference.affine, path)
+        return _write_nifti(array_zyx, reference.affine, path, slope=slope)
     return _write_nifti(
-        geometry.to_source(array_zyx), geometry.affine, path, header_forms=geometry.nifti_header
+        geometry.to_source(array_zyx), geometry.affine, path, header_forms=geometry.nifti_header, slope=slope
     )
 
 
 def _write_nifti(
-    array_zyx: np.ndarray, affine: np.ndarray, path: str | os.PathLike, *, header_forms: dict | None = None
+    array_zyx: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    header_forms: dict | None = None,
+    slope: float | None = None,
 ) -> Path:
     path = Path(path)
     if not is_nifti_path(path):
@@ -236,6 +276,8 @@ def _write_nifti(
         img.set_sform(affine, code=1)
         img.set_qform(affine, code=1)
     img.header.set_xyzt_units(xyz="mm")
+    if slope is not None:
+        img.header.set_slope_inter(slope, 0.0)  # kept on save: the data is already of the stored dtype
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     return path
