@@ -53,6 +53,19 @@ def _print_trained_and_written(result) -> None:
         console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
 
 
+def _postprocess(min_lesion_mm3: float, fill_holes: bool, min_liver_fraction: float):
+    from hepaseg.inference.postprocess import PostProcess
+
+    return PostProcess(min_lesion_mm3=min_lesion_mm3, fill_holes=fill_holes, min_liver_fraction=min_liver_fraction)
+
+
+_MIN_LESION_HELP = "Post-processing: drop lesions smaller than this volume, mm^3 (default 0: off)."
+_FILL_HOLES_HELP = "Post-processing: fill holes of the tumour mask slice by slice (default off)."
+_LIVER_FRACTION_HELP = ("Post-processing: drop lesions with less than this share of voxels in the predicted liver "
+                        "(0.5 = mostly outside; needs --liver-checkpoint; default 0: off).")
+_CHECKPOINTS_FROM_HELP = "Ensemble list file (OUT/ensembles/<model>.json of compare or crossval): its checkpoints."
+
+
 def _version_callback(value: bool) -> None:
     if value:
         console.print(f"hepaseg {__version__}")
@@ -330,7 +343,10 @@ def train_command(
 @app.command("evaluate")
 @user_errors
 def evaluate_command(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint from `hepaseg train` (best.ckpt).")],
+    checkpoint: Annotated[
+        Optional[list[Path]],
+        typer.Option("--checkpoint", help="Checkpoint from `hepaseg train` (best.ckpt); repeat for an ensemble."),
+    ] = None,
     data: Annotated[
         Optional[Path], typer.Option("--data", help="Prepared dataset (same window/size/context as the checkpoint).")
     ] = None,
@@ -347,9 +363,15 @@ def evaluate_command(
     ] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda (default: CUDA when available).")] = None,
     liver_checkpoint: Annotated[
-        Optional[Path],
-        typer.Option("--liver-checkpoint", help="Liver-stage checkpoint: --volumes runs the cascade, scores both."),
+        Optional[list[Path]],
+        typer.Option("--liver-checkpoint", help="Liver-stage checkpoint: --volumes runs the cascade, scores both "
+                                                "(repeat for an ensemble)."),
     ] = None,
+    checkpoints_from: Annotated[Optional[Path], typer.Option(help=_CHECKPOINTS_FROM_HELP)] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average identity + horizontal + vertical flips.")] = False,
+    min_lesion_mm3: Annotated[float, typer.Option(help=_MIN_LESION_HELP + " With --volumes.")] = 0.0,
+    fill_holes: Annotated[bool, typer.Option("--fill-holes", help=_FILL_HOLES_HELP + " With --volumes.")] = False,
+    min_liver_fraction: Annotated[float, typer.Option(help=_LIVER_FRACTION_HELP + " With --volumes.")] = 0.0,
 ) -> None:
     """Score a checkpoint on a prepared split (the paper's Table 1 metrics); --volumes adds 3D metrics in mm."""
     import json
@@ -357,19 +379,28 @@ def evaluate_command(
     from rich.table import Table
 
     from hepaseg.evaluation import evaluate_checkpoint  # imports torch: keep `hepaseg --help` fast
+    from hepaseg.evaluation.ensemble import resolve_members
 
+    checkpoints, liver_checkpoints = resolve_members(checkpoint, checkpoints_from, liver_checkpoint)
+    if not checkpoints:
+        raise HepasegError("--checkpoint: missing: expected a checkpoint from `hepaseg train` (repeatable) or "
+                           "--checkpoints-from FILE")
     if data is None and not volumes:
         raise HepasegError("--data: missing: expected a prepared dataset (--data DIR) and/or --volumes SOURCE")
-    if liver_checkpoint is not None and not volumes:
+    if liver_checkpoint and not volumes:
         raise HepasegError(
             "--liver-checkpoint: only used with --volumes (the cascade predicts whole cases): expected --volumes "
             "SOURCE, got none"
         )
+    postprocess = _postprocess(min_lesion_mm3, fill_holes, min_liver_fraction)
+    if not postprocess.is_off and not volumes:
+        raise HepasegError("--min-lesion-mm3/--fill-holes/--min-liver-fraction: post-processing works on whole "
+                           "volumes: expected --volumes SOURCE, got none")
     payload: dict = {}
     result = vol = None
     if data is not None:
         result = evaluate_checkpoint(
-            checkpoint, data, split=split, batch=batch, threshold=threshold, out=out, device=device
+            checkpoints, data, split=split, batch=batch, threshold=threshold, out=out, device=device, tta=tta
         )
         payload = result.to_json()
     if volumes:
@@ -377,8 +408,8 @@ def evaluate_command(
 
         vol_out = out if out is not None else (result.out_dir if result is not None else None)
         vol = evaluate_volumes(
-            checkpoint, volumes, batch=batch, threshold=threshold, device=device, out=vol_out,
-            progress=not json_output, liver_checkpoint=liver_checkpoint,
+            checkpoints, volumes, batch=batch, threshold=threshold, device=device, out=vol_out,
+            progress=not json_output, liver_checkpoint=liver_checkpoints or None, tta=tta, postprocess=postprocess,
         )
         payload["volumes"] = vol.to_json()
     if json_output:
@@ -404,6 +435,8 @@ def evaluate_command(
             console.print(f"skipped unlabelled cases: {', '.join(result.skipped_cases)}", highlight=False)
         if result.demo_z_split:
             console.print("[yellow]demo z-split:[/] contiguous z blocks of one patient; scores are optimistic.")
+        if result.val_note is not None and result.split == "val":
+            console.print(f"[yellow]note:[/] {result.val_note}", highlight=False, soft_wrap=True)
         for key, path in result.paths.items():
             console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
     if vol is not None:
@@ -425,6 +458,13 @@ def evaluate_command(
             console.print(
                 f"liver stage: dice per case {lv['dice_per_case']:.4f}, dice global {lv['dice_global']:.4f}, "
                 f"assd {lv['assd']:.2f} mm",
+                highlight=False,
+            )
+            b = v["burden"]
+            console.print(
+                f"mean liver volume {b['liver_volume_ml']:.1f} mL (reference {b['reference_liver_volume_ml']:.1f}), "
+                f"tumour burden {b['tumor_burden_percent']:.2f} % (reference {b['reference_tumor_burden_percent']:.2f} "
+                "%)",
                 highlight=False,
             )
         for row in vol.rows:
@@ -513,8 +553,10 @@ def predict_command(
     input_path: Annotated[Path, typer.Argument(help="CT case: NIfTI, LiTS, MSD, DICOM folder, 3D-IRCADb, MRC.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new or empty unless --overwrite).")],
     checkpoint: Annotated[
-        Optional[Path], typer.Option("--checkpoint", help="Checkpoint from `hepaseg train` (torch engine).")
+        Optional[list[Path]],
+        typer.Option("--checkpoint", help="Checkpoint from `hepaseg train` (torch engine); repeat for an ensemble."),
     ] = None,
+    checkpoints_from: Annotated[Optional[Path], typer.Option(help=_CHECKPOINTS_FROM_HELP)] = None,
     batch: Annotated[int, typer.Option(help="Slices per forward pass.")] = 8,
     tta: Annotated[bool, typer.Option("--tta", help="Average identity + horizontal + vertical flips.")] = False,
     threshold: Annotated[float, typer.Option(help="Tumour probability threshold.")] = 0.5,
@@ -523,50 +565,72 @@ def predict_command(
     ] = "tumor",
     engine: Annotated[str, typer.Option(help="torch (with --checkpoint) | onnx (with --model).")] = "torch",
     liver_checkpoint: Annotated[
-        Optional[Path],
-        typer.Option("--liver-checkpoint", help="Liver-stage checkpoint: liver first, then tumour inside it."),
+        Optional[list[Path]],
+        typer.Option("--liver-checkpoint", help="Liver-stage checkpoint: liver first, then tumour inside it "
+                                                "(repeat for an ensemble)."),
     ] = None,
     model: Annotated[Optional[Path], typer.Option("--model", help="ONNX file from `hepaseg export`.")] = None,
+    save_probabilities: Annotated[
+        bool, typer.Option("--save-probabilities", help="Also write probability and uncertainty NIfTIs.")
+    ] = False,
+    min_lesion_mm3: Annotated[float, typer.Option(help=_MIN_LESION_HELP)] = 0.0,
+    fill_holes: Annotated[bool, typer.Option("--fill-holes", help=_FILL_HOLES_HELP)] = False,
+    min_liver_fraction: Annotated[float, typer.Option(help=_LIVER_FRACTION_HELP)] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="Replace an --out folder that holds files.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Predict liver tumours in one CT case: mask NIfTI, lesion table, overlay PNG (+ metrics if labelled)."""
     from rich.table import Table
 
+    from hepaseg.evaluation.ensemble import resolve_members
     from hepaseg.inference import predict_case  # imports torch: keep `hepaseg --help` fast
 
+    checkpoints, liver_checkpoints = resolve_members(checkpoint, checkpoints_from, liver_checkpoint)
     if engine not in ("torch", "onnx"):
         raise HepasegError(f"--engine: expected torch or onnx, got {engine!r}")
     if engine == "onnx" and model is None:
         raise HepasegError("--model: --engine onnx needs the ONNX file from `hepaseg export`, got none")
-    if engine == "torch" and checkpoint is None:
+    if engine == "torch" and not checkpoints:
         raise HepasegError("--checkpoint: --engine torch needs a checkpoint from `hepaseg train`, got none")
     result = predict_case(
         input_path,
         out,
-        checkpoint=checkpoint,
+        checkpoint=checkpoints,
         onnx_model=model if engine == "onnx" else None,
-        liver_checkpoint=liver_checkpoint,
+        liver_checkpoint=liver_checkpoints,
         batch=batch,
         tta=tta,
         threshold=threshold,
         labels=labels,
         overwrite=overwrite,
         progress=progress,
+        save_probabilities=save_probabilities,
+        postprocess=_postprocess(min_lesion_mm3, fill_holes, min_liver_fraction),
     )
-    table = Table(title=f"{result.case_id}: {len(result.lesions)} lesion(s) ({result.model_name}, {result.engine})")
-    for col in ("id", "volume (mL)", "max axial diameter (mm)", "centroid z,y,x (mm)", "slices"):
+    members = result.settings.get("n_members", 1)
+    table = Table(title=f"{result.case_id}: {len(result.lesions)} lesion(s) ({result.model_name}, {result.engine}"
+                        f"{f', {members} members' if members > 1 else ''})")
+    for col in ("id", "volume (mL)", "max axial diameter (mm)", "centroid z,y,x (mm)", "slices", "p mean / max",
+                "agreement", "to liver surface (mm)"):
         table.add_column(col, justify="right")
     for row in result.lesions:
         z, y, x = row["centroid_mm"]
+        distance = row.get("liver_surface_distance_mm", float("nan"))
         table.add_row(
             str(row["id"]),
             f"{row['volume_ml']:.2f}",
             f"{row['max_axial_diameter_mm']:.1f}",
             f"{z:.1f}, {y:.1f}, {x:.1f}",
             f"{row['first_slice']}-{row['last_slice']}",
+            f"{row['mean_probability']:.2f} / {row['max_probability']:.2f}",
+            f"{row['member_agreement']:.2f}",
+            "-" if distance != distance else f"{distance:.1f}",
         )
     console.print(table)
+    summary = result.summary
+    if "liver_volume_ml" in summary:
+        console.print(f"liver {summary['liver_volume_ml']:.1f} mL, tumour {summary['tumor_volume_ml']:.2f} mL, "
+                      f"tumour burden {summary['tumor_burden_percent']:.2f} % of the liver", highlight=False)
     if result.metrics is not None:
         m = result.metrics
         console.print(
@@ -740,13 +804,27 @@ def crossval_command(
         Optional[list[str]],
         typer.Option("--prepare-option", help="Further prepare argument KEY=VALUE, e.g. slices=\"liver\"."),
     ] = None,
+    postprocess: Annotated[
+        Optional[list[str]],
+        typer.Option("--postprocess", help="Also score this post-processing setting (repeatable), e.g. "
+                                           "'fill_holes,min_lesion_mm3=50,min_liver_fraction=0.5'; writes "
+                                           "OUT/postprocess.md beside 'none'. No retraining."),
+    ] = None,
+    ensemble_seeds: Annotated[
+        bool, typer.Option("--ensemble-seeds", help="Also score each fold's seeds as one ensemble (postprocess.md).")
+    ] = False,
+    score_tta: Annotated[
+        bool, typer.Option("--score-tta", help="Predict the postprocess.md variants with flip TTA.")
+    ] = False,
 ) -> None:
     """Leave-one-patient-out training and whole-volume scoring: Dice, lesion detection by size, FP rates."""
     from rich.table import Table
 
     from hepaseg.inference.crossval import crossval  # imports torch: keep `hepaseg --help` fast
+    from hepaseg.inference.crossval_scoring import parse_settings, score_crossval
     from hepaseg.training import parse_key_values
 
+    settings = parse_settings(postprocess or [], cascade=cascade)  # bad settings fail before any training
     train_options = parse_key_values(train_option or [], option="--train-option")
     for key, value in (("synthetic_tumors", synthetic_tumors), ("augment", augment), ("batch_size", batch_size)):
         if value is not None:
@@ -785,6 +863,13 @@ def crossval_command(
                       mean("recall_any"), mean("fp_lesions", 1.0), mean("fp_slice_rate"))
     console.print(table)
     _print_trained_and_written(result)
+    if postprocess or ensemble_seeds or score_tta:
+        scored = score_crossval(out, settings, models=result.models, seeds=len(result.seeds),
+                                ensemble=ensemble_seeds, tta=score_tta,
+                                log=lambda line: console.print(line, highlight=False))
+        console.print(f"scored {len(scored.settings)} post-processing setting(s); written to {out}:", highlight=False)
+        for key, path in scored.paths.items():
+            console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
 
 
 # [cli:inference]

@@ -13,6 +13,8 @@ counts, and writes::
     OUT/results.csv              one row per model x seed with every metric
     OUT/wilcoxon.csv             paired Wilcoxon signed-rank tests, mfcnet vs each baseline
     OUT/dice_boxplot.png         per-slice Dice per model, pooled over seeds
+    OUT/ensembles/<model>.json   the model's seeds as an ensemble list (the checkpoint each run was
+                                 evaluated with), for `--checkpoints-from` (hepaseg.evaluation.ensemble)
 
 Resuming: a (model, seed) whose ``compare.json`` marker and evaluation exist is not
 retrained; a run with ``last.ckpt`` but no marker (interrupted) continues with
@@ -44,7 +46,9 @@ import numpy as np
 import torch
 
 from hepaseg.data import SliceDataset, read_manifest
+from hepaseg.data.zval import val_note
 from hepaseg.errors import HepasegError
+from hepaseg.evaluation.ensemble import write_ensemble_list
 from hepaseg.evaluation.evaluate import evaluate_checkpoint, json_safe
 from hepaseg.evaluation.metrics import SLICE_METRICS
 from hepaseg.evaluation.report import table1_markdown
@@ -362,6 +366,14 @@ def compare(
             for (case, z), d in _read_slice_dice(eval_dir / "slices.csv").items():
                 dice_by_model[name][(seed, case, z)] = d
 
+    paths: dict[str, Path] = {}
+    for name in names:
+        members = [r["checkpoint"] for r in runs if r["model"] == name]
+        paths[f"ensemble_{name}"] = write_ensemble_list(
+            out / "ensembles" / f"{name}.json", members, model=name, source="compare",
+            note=f"{len(members)} seed(s) of {name}, each with the checkpoint compare evaluated (best.ckpt, or "
+                 "last.ckpt without validation); predict with --checkpoints-from this file")
+
     # Size and speed, measured now on this machine (after training, so nothing else of ours runs).
     from hepaseg.training import load_checkpoint
 
@@ -385,7 +397,6 @@ def compare(
                 tests.append({"reference": REFERENCE_MODEL, "baseline": name,
                               **wilcoxon_vs(dice_by_model[REFERENCE_MODEL], dice_by_model[name])})
 
-    paths: dict[str, Path] = {}
     metric_cols = [k for m in SLICE_METRICS for k in (m, f"{m}_sd")] + ["f1", "f1_mean_per_slice", "n_slices"]
     run_cols = ["model", "seed", *metric_cols, "params", "cpu_ms_per_slice", "epochs", "best_val_dice",
                 "stopped_by_time", "train_wall_s", "checkpoint"]
@@ -483,6 +494,7 @@ def _table_markdown(names, seeds, runs, params, cpu_ms, tests, protocol, manifes
         f"{manifest['options'].get('size')} px, slices {manifest['options'].get('slices')!r}, context_slices "
         f"{manifest['options'].get('context_slices')})" + ("; **demo_z_split: smoke comparison on one patient's "
                                                             "z-blocks, not a patient-level split**" if demo else ""),
+        *([f"- {note}; best.ckpt is chosen on it"] if (note := val_note(manifest)) is not None else []),
         (f"- every run: width {protocol['width']}, budget {budget}, batch size {train['batch_size']}, "
         f"loss {train['loss']}, AdamW lr {train['lr']:g} (wd {train['weight_decay']:g}, {train['schedule']}), "
         f"augmentation {'on' if train['augment'] else 'off'}, precision {train['precision']}, "

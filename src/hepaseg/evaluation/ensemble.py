@@ -59,6 +59,7 @@ __all__ = [
     "ensemble_probabilities",
     "flip_probabilities",
     "read_ensemble_list",
+    "resolve_members",
     "write_ensemble_list",
 ]
 
@@ -279,3 +280,24 @@ def read_ensemble_list(path: str | os.PathLike) -> EnsembleList:
         raise HepasegError(f"{where}: checkpoints: expected at least one checkpoint, got none")
     return EnsembleList(path=path, checkpoints=checkpoints, liver_checkpoints=paths("liver_checkpoints"),
                         model=data.get("model"), source=data.get("source"))
+
+
+def resolve_members(
+    checkpoints: Sequence[str | os.PathLike] | None,
+    checkpoints_from: str | os.PathLike | None = None,
+    liver_checkpoints: Sequence[str | os.PathLike] | None = None,
+) -> tuple[list[Path], list[Path]]:
+    """The tumour and liver members of ``--checkpoint`` (repeatable), ``--checkpoints-from FILE`` and
+    ``--liver-checkpoint`` (repeatable).
+
+    The file's checkpoints come after the ``--checkpoint`` ones; its liver checkpoints are used
+    when no ``--liver-checkpoint`` is given (a crossval cascade's list carries both stages).
+    """
+    tumor = [Path(c) for c in checkpoints or []]
+    liver = [Path(c) for c in liver_checkpoints or []]
+    if checkpoints_from is not None:
+        listed = read_ensemble_list(checkpoints_from)
+        tumor += listed.checkpoints
+        if not liver:
+            liver = list(listed.liver_checkpoints)
+    return tumor, liver

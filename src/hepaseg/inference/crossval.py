@@ -32,6 +32,9 @@ Layout of ``OUT``::
     OUT/lesions.csv                      one row per reference lesion of every fold x seed x model
     OUT/table.md                         mean ± sd over folds and seeds per model, recall per
                                          diameter bin, per-fold values, noise note, the command
+    OUT/ensembles/<model>.json           every fold x seed last.ckpt of a model (and, with the cascade,
+                                         every liver stage) as one ensemble list for new patients
+                                         (`hepaseg predict --checkpoints-from`; hepaseg.evaluation.ensemble)
 
 Protocol choices
 ----------------
@@ -563,6 +566,7 @@ def crossval(
         "csv": _write_csv(out / "crossval.csv", rows, CROSSVAL_CSV_COLUMNS),
         "lesions": _write_csv(out / "lesions.csv", lesions, LESION_CSV_COLUMNS),
     }
+    paths.update(_write_ensembles(out, names, folds, seeds, rows, liver_model if cascade else None))
     wall = time.perf_counter() - t_start
     table = _table_markdown(names, folds, seeds, rows, lesions, dice_global, protocol, command, cascade,
                             liver_model, liver_size, trained, wall)
@@ -570,6 +574,22 @@ def crossval(
     return CrossvalResult(out=out, models=names, seeds=list(range(seeds)), folds=folds, rows=rows, lesions=lesions,
                           dice_global=dice_global, trained=trained, table=table, protocol=protocol, command=command,
                           wall_seconds=wall, paths=paths)
+
+
+def _write_ensembles(out: Path, names, folds, seeds: int, rows, liver_model: str | None) -> dict[str, Path]:
+    """``OUT/ensembles/<model>.json``: every fold x seed of a model (and its liver stages) as one ensemble."""
+    from hepaseg.evaluation.ensemble import write_ensemble_list
+
+    liver = ([out / "folds" / _safe_name(f) / f"liver-{liver_model}" / f"seed{k}" / "last.ckpt"
+              for f in folds for k in range(seeds)] if liver_model else [])
+    paths = {}
+    for name in names:
+        members = [r["checkpoint"] for r in rows if r["model"] == name]
+        paths[f"ensemble_{name}"] = write_ensemble_list(
+            out / "ensembles" / f"{name}.json", members, liver_checkpoints=liver, model=name, source="crossval",
+            note=(f"{len(folds)} folds x {seeds} seed(s) of {name} (last.ckpt), each trained without its held-out "
+                  "patient: an ensemble for NEW patients (scoring it on a crossval patient would leak)"))
+    return paths
 
 
 def _fold_data(pool: Path, dest: Path, fold: str, val_fraction: float) -> Path:
