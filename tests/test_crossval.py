@@ -282,3 +282,58 @@ def test_cli_reruns_the_tables_command_without_training(done, tmp_path, monkeypa
     assert json.loads((copy / "protocol.json").read_text()) == json.loads((out / "protocol.json").read_text())
     bad = CliRunner().invoke(app, ["crossval", str(src), "--out", str(tmp_path / "x"), "--train-option", "lr"])
     assert bad.exit_code == 1 and "--train-option: cannot parse 'lr'" in bad.output
+
+
+# --- ensembles of the folds and post-processing measured on the held-out patients --------------------
+
+
+def test_crossval_writes_its_folds_as_an_ensemble_list(done, tmp_path):
+    src, out, result, _ = done
+    from hepaseg.evaluation.ensemble import read_ensemble_list
+
+    listed = read_ensemble_list(out / "ensembles" / "unet.json")
+    assert result.paths["ensemble_unet"] == out / "ensembles" / "unet.json"
+    assert [p.resolve() for p in listed.checkpoints] == [
+        (out / "folds" / p / "unet" / "seed0" / "last.ckpt").resolve() for p in PATIENTS]
+    assert listed.liver_checkpoints == [] and listed.source == "crossval"
+    res = CliRunner().invoke(app, ["predict", str(src / "volume-0.nii.gz"), "--out", str(tmp_path / "p"),
+                                   "--checkpoints-from", str(out / "ensembles" / "unet.json"), "--no-progress"],
+                             terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "p" / "lesions.json").read_text())["settings"]["n_members"] == 2
+
+
+def test_scoring_reproduces_crossval_and_post_processes_cached_predictions(done, tmp_path, monkeypatch):
+    from hepaseg.inference.crossval_scoring import score_crossval
+
+    src, out, result, _ = done
+    copy = tmp_path / "cv"
+    shutil.copytree(out, copy)
+    for fold in PATIENTS:  # a second "seed" identical to the first: its ensemble must equal it
+        shutil.copytree(copy / "folds" / fold / "unet" / "seed0", copy / "folds" / fold / "unet" / "seed1")
+    monkeypatch.setattr(hepaseg.training, "train", lambda config: pytest.fail("scoring must not train"))
+    scored = score_crossval(copy, ["min_lesion_mm3=1e9", "fill_holes"], device="cpu")
+    assert len(scored.rows) == 2 * 3 * 3 and sorted(scored.predicted) == sorted(
+        (f, "unet", v) for f in PATIENTS for v in ("seed0", "seed1", "ensemble"))
+    crossval_dice = {r["fold"]: r["dice"] for r in result.rows}
+    for fold in PATIENTS:
+        mine = {(r["variant"], r["postprocess"]): r for r in scored.rows if r["fold"] == fold}
+        assert mine[("seed0", "none")]["dice"] == pytest.approx(crossval_dice[fold], rel=1e-12)
+        assert mine[("ensemble", "none")]["dice"] == mine[("seed0", "none")]["dice"]
+        assert mine[("ensemble", "none")]["members"] == 2
+        dropped = mine[("seed0", ">= 1e+09 mm3")]
+        assert dropped["n_pred_lesions"] == 0 and dropped["fp_lesions"] == 0 and dropped["dice"] == 0.0
+        assert dropped["removed_small"] == mine[("seed0", "none")]["n_pred_lesions"]
+    table = (copy / "postprocess.md").read_text()
+    assert "| unet | single | none |" in table and "| unet | ensemble of 2 | fill holes |" in table
+    assert len(_csv(copy / "postprocess.csv")) == 18
+    again = score_crossval(copy, ["fill_holes"], device="cpu")  # cached: nothing predicted
+    assert again.predicted == [] and len(again.rows) == 2 * 3 * 2
+    with pytest.raises(HepasegError, match="min_liver_fraction needs the predicted liver"):
+        score_crossval(copy, ["min_liver_fraction=0.5"])
+    args = shlex.split(result.command)[2:]
+    args[args.index("--out") + 1] = str(copy)
+    res = CliRunner().invoke(app, ["crossval", *args, "--postprocess", "min-lesion-mm3=20", "--ensemble-seeds"],
+                             terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "postprocess.md" in res.output and ">= 20 mm3" in (copy / "postprocess.md").read_text()
