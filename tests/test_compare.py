@@ -251,3 +251,18 @@ def test_cli_compare_errors_and_size_check(compared, tmp_path):
     assert res.exit_code == 0, res.output
     assert "unet" in res.stdout and "mfcnet" in res.stdout and "32 px" in res.stdout
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
+
+
+def test_each_models_seeds_are_written_as_an_ensemble_list_that_evaluate_accepts(compared, tmp_path):
+    from hepaseg.evaluation.ensemble import read_ensemble_list
+
+    data, out, result, _ = compared
+    for name in MODELS:
+        listed = read_ensemble_list(out / "ensembles" / f"{name}.json")
+        evaluated = [r["checkpoint"] for r in result.runs if r["model"] == name]
+        assert [str(p.resolve()) for p in listed.checkpoints] == [str(Path(c).resolve()) for c in evaluated]
+        assert len(listed.checkpoints) == 2 and listed.model == name and listed.source == "compare"
+    res = CliRunner().invoke(app, ["evaluate", "--checkpoints-from", str(out / "ensembles" / f"{MODELS[0]}.json"),
+                                   "--data", str(data), "--out", str(tmp_path / "ev"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.output)["members"]) == 2
