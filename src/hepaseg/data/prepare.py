@@ -10,6 +10,7 @@ Prepared dataset format (``hepaseg-slices/1``)
 ----------------------------------------------
 ::
 
+    DIR/.hepaseg-output.json  marker: written by `hepaseg prepare` (only such a DIR is replaced)
     DIR/manifest.json   written LAST, atomically: its presence means the dataset is complete
     {
       "format": "hepaseg-slices/1", "hepaseg_version": "0.1.0",
@@ -110,8 +111,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -127,7 +126,8 @@ from hepaseg import __version__
 from hepaseg.data.roi import ROI_MODES, crop_slices, liver_crop_box
 from hepaseg.errors import HepasegError
 from hepaseg.io import find_cases, read_volume
-from hepaseg.io.atomic import replace_dir, write_json_atomic
+from hepaseg.io.atomic import atomic_dir, write_json_atomic
+from hepaseg.io.outputs import check_output_dir, write_output_marker
 from hepaseg.io.volume import LABEL_TUMOR, Volume
 
 __all__ = [
@@ -484,29 +484,6 @@ def _check_label(vol: Volume, where: str) -> None:
         )
 
 
-def _check_out(out: Path, overwrite: bool) -> bool:
-    """Return True when ``out`` holds a previous prepare output that will be replaced."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise HepasegError(
-            f"{out}: --out exists and is a file: expected a new or empty directory. Choose another --out."
-        )
-    if not any(out.iterdir()):
-        return False
-    if not is_prepared_dir(out):
-        raise HepasegError(
-            f"{out}: --out exists and holds other files (no {FORMAT} manifest.json): expected a new or empty "
-            "directory or a previous prepare output. Choose another --out; nothing was written."
-        )
-    if not overwrite:
-        raise HepasegError(
-            f"{out}: --out already holds a prepared dataset: expected a new directory. "
-            "Pass --overwrite to replace it or choose another --out."
-        )
-    return True
-
-
 def prepare(
     sources: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -531,7 +508,8 @@ def prepare(
     Args:
         sources: files or folders (LiTS, MSD Task03, 3D-IRCADb, NIfTI, DICOM, MRC);
             every case found in them is used.
-        out: output directory: new, empty, or (with ``overwrite``) a previous output.
+        out: output directory: new, empty, or (with ``overwrite``) an earlier prepare output
+            (one carrying :data:`hepaseg.io.OUTPUT_MARKER`); never equal to, inside or around a source.
         window: HU window ``(lo, hi)``, ``lo < hi`` (default ``(-200, 250)``).
         size: slice size in pixels after resizing, > 0 (default 224).
         slices: ``tumor`` | ``liver`` | ``all``; default ``tumor``, or ``all`` with ``target="liver"``.
@@ -555,7 +533,8 @@ def prepare(
 
     Raises:
         HepasegError: bad options, missing/empty sources, unreadable or invalid
-            cases, unknown split ids, or an ``out`` that is not ours. On any error
+            cases, unknown split ids, or an ``out`` that is not ours or overlaps a source
+            (checked before any case is read). On any error
             nothing is left at ``out`` (a previous output is kept as it was).
     """
     if target not in PREPARE_TARGETS:
@@ -577,13 +556,14 @@ def prepare(
         slices = "all" if target == "liver" else "tumor"
     (lo, hi), fractions, z_opts = _check_options(window, size, slices, context_slices, split, z_split, split_file)
     out = Path(out)
-    _check_out(out, overwrite)
-    split_path = Path(split_file) if split_file is not None else None
-    file_assignment = _read_split_file(split_path) if split_path is not None else None
-
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     source_paths = [Path(s) for s in sources]
+    split_path = Path(split_file) if split_file is not None else None
+    # Only an earlier prepare output (marker) is replaced, and only with --overwrite.
+    check_output_dir(out, command="prepare", inputs=[*source_paths, split_path], overwrite=overwrite)
+    file_assignment = _read_split_file(split_path) if split_path is not None else None
+
     if not source_paths:
         raise HepasegError("SOURCES: expected at least one file or folder of CT volumes, got none.")
     for src in source_paths:
@@ -601,12 +581,10 @@ def prepare(
         )
 
     console = console or Console()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset is meant to be shared like any dir
-    try:
+    # Written into a temporary folder beside out and moved into place at the end (an earlier
+    # output is replaced only then), so out is complete or untouched.
+    with atomic_dir(out) as tmp:
+        write_output_marker(tmp, "prepare")
         (tmp / "cases").mkdir()
         cases: list[dict[str, Any]] = []
         seen: dict[str, str] = {}
@@ -714,10 +692,6 @@ def prepare(
             "cases": cases,
         }
         write_json_atomic(tmp / "manifest.json", manifest)  # last file written
-        replace_dir(tmp, out)  # out is empty/absent unless overwrite was asked
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     console.print(summary_table(manifest, title=f"prepared slices -> {out}"))
     return manifest
 

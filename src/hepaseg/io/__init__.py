@@ -5,6 +5,8 @@ from hepaseg.io.volume import LABEL_BACKGROUND, LABEL_LIVER, LABEL_TUMOR, Volume
 
 from hepaseg.io.nifti import write_image_nifti, write_label_nifti
 from hepaseg.io.readers import find_cases, read_volume
+from hepaseg.io.outputs import OUTPUT_MARKER, check_output_dir, check_output_file, write_output_marker
+from hepaseg.io.validate import check_volume
 
 # [io:exports]
 
@@ -12,14 +14,19 @@ __all__ = [
     "LABEL_BACKGROUND",
     "LABEL_LIVER",
     "LABEL_TUMOR",
+    "OUTPUT_MARKER",
     "Volume",
     "atomic_dir",
     "atomic_path",
     "replace_dir",
+    "check_output_dir",
+    "check_output_file",
+    "check_volume",
     "find_cases",
     "read_volume",
     "write_image_nifti",
     "write_json_atomic",
     "write_label_nifti",
+    "write_output_marker",
     "write_text_atomic",
 ]

@@ -37,6 +37,7 @@ from hepaseg.errors import HepasegError
 from hepaseg.io.dicom import dir_entries, read_datasets, select_series, stack_series
 from hepaseg.io.mrc import load_mrc
 from hepaseg.io.nifti import check_label_values, is_nifti_path, load_nifti, nifti_stem
+from hepaseg.io.validate import check_volume
 from hepaseg.io.volume import LABEL_LIVER, LABEL_TUMOR, Volume
 
 __all__ = ["find_cases", "read_volume"]
@@ -90,7 +91,7 @@ def read_volume(path: str | os.PathLike, *, with_label: bool = True) -> Volume:
     }[kind]
     volume = reader(target, with_label=with_label)
     volume.source = str(path)
-    return volume
+    return check_volume(volume, target)  # non-finite voxels, bad spacing, singular affine: refused here
 
 
 def find_cases(paths: list[str | os.PathLike]) -> list[Path]:
