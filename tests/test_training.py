@@ -69,20 +69,39 @@ def test_same_seed_same_weights(tiny_data, tmp_path):
 
 
 def test_run_directory_refused_then_overwritten(tiny_data, tmp_path):
+    # Issue 9, item 2: a folder that merely holds a file named like a run file is not a run.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    (mine / "last.ckpt").write_text("not a checkpoint")
+    (mine / "notes.txt").write_text("mine")
+    (mine / "sub").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(HepasegError, match=r"mine: --out holds files hepaseg did not write.*delete or move"):
+            train(_config(tiny_data, mine, overwrite=overwrite))
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "last.ckpt", "notes.txt", "sub"]
+    assert (mine / "notes.txt").read_text() == "mine"  # refused before touching anything
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text("{}")
-    (run / "notes.txt").write_text("mine")
-    with pytest.raises(HepasegError, match=r"run: already holds a run \(config.json\).*--resume.*--overwrite"):
-        train(_config(tiny_data, run))
-    assert (run / "notes.txt").read_text() == "mine"  # refused before touching anything
     with pytest.raises(HepasegError, match=r"last.ckpt: not found: --resume"):
         train(_config(tiny_data, run, resume=True))
     with pytest.raises(HepasegError, match="--resume and --overwrite"):
         _config(tiny_data, run, resume=True, overwrite=True)
-    result = train(_config(tiny_data, run, overwrite=True, max_epochs=1))
+    first = train(_config(tiny_data, run, max_epochs=1))
+    assert json.loads((run / ".hepaseg-output.json").read_text())["command"] == "train"
+    with pytest.raises(HepasegError, match=r"run: already holds a run \(config.json, last.ckpt.*--resume.*--overwrite"):
+        train(_config(tiny_data, run, max_epochs=1))
+    (run / "notes.txt").write_text("inside a hepaseg run folder")
+    result = train(_config(tiny_data, run, overwrite=True, max_epochs=1, seed=3))
     assert not (run / "notes.txt").exists() and result.last_checkpoint.is_file()
     assert (run / "config.json").is_file() and (run / "result.json").is_file()
+    assert first.run_dir == run and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]  # nothing aside
+
+
+def test_run_inside_or_around_the_data_is_refused(tiny_data, tmp_path):
+    for out in (tiny_data, tiny_data / "run", tiny_data.parent):
+        with pytest.raises(HepasegError, match=r"--out (is|is inside|contains) the input"):
+            train(_config(tiny_data, out, overwrite=True))
+    assert sorted(p.name for p in tiny_data.iterdir()) == ["cases", "manifest.json"]
 
 
 def test_bad_inputs_name_the_option(tiny_data, tmp_path):
@@ -113,6 +132,31 @@ def test_nan_loss_stops_naming_the_step(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "build_loss", lambda name: NanAfterTwo())
     with pytest.raises(HepasegError, match=r"training loss: not finite.*got nan at step 2 \(epoch 0, batch 2\)"):
         train(_config(tiny_data, tmp_path / "run"))
+    # Issue 9, item 8: a run that failed before its first checkpoint leaves nothing behind, so a
+    # plain re-run is not refused.
+    assert list(tmp_path.iterdir()) == []
+    NanAfterTwo.calls = -10**6  # finite from now on
+    assert train(_config(tiny_data, tmp_path / "run", max_epochs=1)).last_checkpoint.is_file()
+
+
+def test_overwrite_that_fails_at_step_0_puts_the_earlier_run_back(tiny_data, tmp_path, monkeypatch):
+    import hashlib
+    import importlib
+
+    train_module = importlib.import_module("hepaseg.training.train")
+    run = tmp_path / "run"
+    train(_config(tiny_data, run, max_epochs=1))
+    before = {p.relative_to(run): hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+
+    class Nan(torch.nn.Module):
+        def forward(self, logits, target):
+            return logits.float().mean() * float("nan")
+
+    monkeypatch.setattr(train_module, "build_loss", lambda name: Nan())
+    with pytest.raises(HepasegError, match="training loss: not finite"):
+        train(_config(tiny_data, run, overwrite=True))
+    after = {p.relative_to(run): hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+    assert after == before and [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
 def test_time_budget_stops_and_saves(tiny_data, tmp_path):

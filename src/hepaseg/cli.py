@@ -2,13 +2,15 @@
 
 Each command parses its options and calls one library function of the matching
 stage package; user errors (:class:`hepaseg.errors.HepasegError`) become a
-one-line ``error: ...`` on stderr and exit status 1.
+one-line ``error: ...`` on stderr and exit status 1 (143 after SIGTERM, 130 after Ctrl-C).
 """
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from pathlib import Path  # noqa: F401
 from typing import Annotated, Optional  # noqa: F401  (Optional: typer needs it on 3.11 for some types)
 
@@ -16,7 +18,7 @@ import typer
 from rich.console import Console
 
 from hepaseg import __version__
-from hepaseg.errors import HepasegError
+from hepaseg.errors import HepasegError, Terminated
 
 app = typer.Typer(
     name="hepaseg",
@@ -29,16 +31,47 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM handler while a command runs: unwind like an error, so temporary outputs are removed."""
+    raise Terminated(
+        f"{signal.Signals(signum).name}: stopped by a termination signal (SLURM, timeout, docker stop): expected "
+        "the command to run to its end. Nothing half-written was left; rerun the command to finish",
+        signum,
+    )
+
+
 def user_errors(fn):
-    """Turn HepasegError (and OSError on user paths) into a one-line error and exit 1."""
+    """Turn HepasegError (and OSError on a named path, and Ctrl-C) into one ``error:`` line and a non-zero exit.
+
+    While the command runs, SIGTERM raises :class:`hepaseg.errors.Terminated` (exit 143), so every
+    ``except``/``finally`` that removes a temporary output runs (``train`` handles it itself:
+    it saves ``last.ckpt`` for ``--resume``).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
         try:
             return fn(*args, **kwargs)
         except HepasegError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]error:[/] interrupted (Ctrl-C): expected the command to run to its end. "
+                              "Nothing half-written was left; rerun the command to finish", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(130) from None
+        except OSError as exc:
+            if not exc.filename:
+                raise  # not about a path the user gave: a bug, keep the traceback
+            err_console.print(f"[bold red]error:[/] {exc.filename}: {exc.strerror or type(exc).__name__}: expected a "
+                              "readable input / writable output path. Check the path, its permissions and the free "
+                              "disk space", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     return wrapper
 
@@ -676,7 +709,10 @@ def benchmark_command(
 
     from hepaseg.inference.benchmark import benchmark_tables, run_benchmark
     from hepaseg.io.atomic import write_json_atomic
+    from hepaseg.io.outputs import check_output_file
 
+    if out is not None:  # before the (minutes of) measuring
+        check_output_file(out, option="--out")
     names = None if models.strip().lower() == "all" else [m for m in models.replace(" ", "").split(",") if m]
     result = run_benchmark(
         names,

@@ -21,6 +21,7 @@ Per held-out patient, model and seed (one row of ``crossval.csv``):
 
 Layout of ``OUT``::
 
+    OUT/.hepaseg-output.json             marker: a crossval folder (another non-empty folder is refused)
     OUT/protocol.json                    the pinned protocol (a later call must match it)
     OUT/prepared/tumor/, prepared/liver/ every patient prepared ONCE (all in "train"); liver/ only
                                          with the cascade (target liver, liver_size px)
@@ -80,9 +81,10 @@ import numpy as np
 from hepaseg.errors import HepasegError
 from hepaseg.evaluation.compare import _check_protocol, _write_csv, parse_models
 from hepaseg.evaluation.detection import DIAMETER_BINS, fp_slice_rate, lesion_detection, tumor_free_liver_slices
-from hepaseg.evaluation.evaluate import json_safe
+from hepaseg.evaluation.evaluate import check_threshold, json_safe
 from hepaseg.evaluation.metrics import volume_metrics
 from hepaseg.io.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from hepaseg.io.outputs import check_output_dir, write_output_marker
 from hepaseg.io.volume import LABEL_TUMOR
 
 __all__ = [
@@ -468,14 +470,15 @@ def crossval(
                           ("--max-epochs", max_epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise HepasegError(f"{option}: invalid value: expected a positive integer, got {value!r}")
-    if not 0.0 < float(threshold) < 1.0:
-        raise HepasegError(f"--threshold: expected a probability in (0, 1), got {threshold!r}")
+    threshold = check_threshold(threshold)
     if not 0.0 < float(val_fraction) <= 0.5:
         raise HepasegError(f"--val-fraction: expected a fraction in (0, 0.5], got {val_fraction!r}")
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     sources = [Path(s) for s in sources]
     out = Path(out)
+    # Before any work: a new folder, or this command's earlier (resumable) output; never around a source.
+    check_output_dir(out, command="crossval", inputs=sources, reuse=True)
     train_opts = dict(train_options or {})
     prep_opts = dict(prepare_options or {})
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -505,6 +508,7 @@ def crossval(
         if not src.exists():
             raise HepasegError(f"{src}: source not found: expected an existing file or folder of CT volumes")
     out.mkdir(parents=True, exist_ok=True)
+    write_output_marker(out, "crossval")
     _check_protocol(out, protocol)
 
     pool = _prepare_pool(sources, out / "prepared" / "tumor", tumor_prepare, say)

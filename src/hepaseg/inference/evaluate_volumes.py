@@ -33,11 +33,11 @@ import numpy as np
 
 from hepaseg import __version__
 from hepaseg.errors import HepasegError
-from hepaseg.evaluation.evaluate import json_safe
+from hepaseg.evaluation.evaluate import check_threshold, json_safe
 from hepaseg.evaluation.metrics import global_dice, volume_metrics
 from hepaseg.inference.cascade import check_cascade, predict_cascade, require_liver_stage
 from hepaseg.inference.predictor import predict_volume
-from hepaseg.io import find_cases, read_volume
+from hepaseg.io import check_output_dir, find_cases, read_volume, write_output_marker
 from hepaseg.io.atomic import atomic_path, write_json_atomic
 from hepaseg.io.volume import LABEL_TUMOR
 
@@ -128,12 +128,19 @@ def evaluate_volumes(
         (tumour = label 2 vs. the predicted mask), its spacing (mm) and prediction seconds.
 
     Raises:
-        HepasegError: missing sources, unreadable cases, no labelled case, a bad checkpoint, a
+        HepasegError: a bad ``threshold``/``batch``, an ``out`` that is not an evaluate output or
+            overlaps an input (checked first), missing sources, unreadable cases, no labelled case, a bad checkpoint, a
             liver-cropped tumour checkpoint without ``liver_checkpoint``, or two checkpoints that
             do not form a cascade.
     """
     from hepaseg.training import load_checkpoint
 
+    threshold = check_threshold(threshold)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise HepasegError(f"--batch: invalid value: expected a positive integer, got {batch!r}")
+    out_dir = Path(out) if out is not None else Path(checkpoint).parent / "eval-volumes"
+    # Before any work; `hepaseg evaluate` writes its slice and volume results into one folder.
+    check_output_dir(out_dir, command="evaluate", inputs=[checkpoint, liver_checkpoint, *sources], reuse=True)
     loaded = load_checkpoint(checkpoint)
     liver = None
     if liver_checkpoint is None:
@@ -207,8 +214,8 @@ def evaluate_volumes(
                                               "liver_data_options": liver.data_options})},
         liver_checkpoint=None if liver_checkpoint is None else Path(liver_checkpoint),
     )
-    out_dir = Path(out) if out is not None else Path(checkpoint).parent / "eval-volumes"
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_output_marker(out_dir, "evaluate")
     result.out_dir = out_dir
     with atomic_path(out_dir / "volumes.csv") as tmp, open(tmp, "w", newline="") as fh:
         columns = VOLUME_CSV_COLUMNS + (LIVER_CSV_COLUMNS if liver is not None else ())

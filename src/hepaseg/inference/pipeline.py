@@ -22,14 +22,14 @@ sections, the flat keys staying the tumour's; ``lesions.json`` carries a ``warni
 (e.g. no liver found: the tumour mask is empty), which the CLI prints.
 
 Every file is written into a temporary folder beside ``OUT_DIR`` that is renamed
-into place at the end, so ``OUT_DIR`` is either complete or untouched.
+into place at the end, so ``OUT_DIR`` is either complete or untouched; it carries the
+marker ``OUT_DIR/.hepaseg-output.json``, and ``overwrite`` replaces only a folder with
+that marker (never one that holds, or lies inside, an input).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ import numpy as np
 
 from hepaseg import __version__
 from hepaseg.errors import HepasegError
+from hepaseg.evaluation.evaluate import check_threshold
 from hepaseg.inference.cascade import KEEP_MARGIN_MM, check_cascade, predict_cascade, require_liver_stage
 from hepaseg.inference.lesions import lesion_table, lesions_to_csv
 from hepaseg.inference.onnx_engine import OnnxModel, export_onnx
@@ -48,10 +49,13 @@ from hepaseg.inference.preprocess import parse_data_options
 from hepaseg.io import (
     LABEL_LIVER,
     LABEL_TUMOR,
+    atomic_dir,
+    check_output_dir,
+    check_output_file,
     read_volume,
-    replace_dir,
     write_json_atomic,
     write_label_nifti,
+    write_output_marker,
     write_text_atomic,
 )
 
@@ -116,21 +120,6 @@ def check_ct_image(image: np.ndarray, source: str) -> None:
         )
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise HepasegError(f"{out_dir}: --out exists and is a file: expected a new or empty directory. "
-                           "Choose another --out")
-    others = sorted(p.name for p in out_dir.iterdir())
-    if others and not overwrite:
-        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise HepasegError(
-            f"{out_dir}: --out already holds files ({shown}): expected a new or empty directory. "
-            "Pass --overwrite to replace it, or choose another --out; nothing was written"
-        )
-
-
 def _load_engine(checkpoint, onnx_model) -> tuple[Any, dict, str, str, dict]:
     """(model, data_options, engine, model_name, model_options) from a checkpoint or an ONNX file."""
     if onnx_model is not None:
@@ -190,7 +179,8 @@ def predict_case(
         labels: ``"tumor"`` (default: mask 0/1) or ``"lits"`` (0 background, 1 liver, 2 tumour; the
             liver comes from the input's own label map, so the input must have one -- or, with
             ``liver_checkpoint``, from the predicted liver).
-        overwrite: replace an ``out_dir`` that already holds files.
+        overwrite: replace an ``out_dir`` that holds an earlier ``predict`` output (its marker);
+            any other non-empty folder is refused.
         progress: show a progress bar over slices.
         device: torch device (default CUDA when available); ignored by the onnx engine.
         precision: torch autocast precision (see :func:`predict_volume`; default ``"auto"``).
@@ -206,12 +196,14 @@ def predict_case(
     """
     if labels not in LABEL_MODES:
         raise HepasegError(f"--labels: expected one of {', '.join(LABEL_MODES)}, got {labels!r}")
-    if not 0.0 < float(threshold) < 1.0:
-        raise HepasegError(f"--threshold: expected a probability in (0, 1), got {threshold!r}")
+    threshold = check_threshold(threshold)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise HepasegError(f"--batch: expected a positive integer, got {batch!r}")
     input_path, out_dir = Path(input_path), Path(out_dir)
-    _check_out_dir(out_dir, overwrite)  # fail before the slow parts
+    inputs = [input_path, checkpoint, onnx_model, liver_checkpoint]
+    # Before the slow parts: only an earlier predict output is replaced (with --overwrite), and
+    # never a folder holding (or inside) an input.
+    check_output_dir(out_dir, command="predict", inputs=inputs, overwrite=overwrite)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -311,9 +303,8 @@ def predict_case(
         names["metrics"] = "metrics.json"
     if cascade is not None:
         names["liver_mask"] = "liver_mask.nii.gz"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # removed on any error or SIGTERM; the user's permissions, not 0700
+        write_output_marker(tmp, "predict")
         write_label_nifti(mask, volume, tmp / names["mask"])
         if cascade is not None:
             write_label_nifti(cascade.liver, volume, tmp / names["liver_mask"])
@@ -328,11 +319,8 @@ def predict_case(
                      title=volume.case_id)
         if metrics is not None:
             write_json_atomic(tmp / names["metrics"], {**metrics, "settings": settings})
-        _check_out_dir(out_dir, overwrite)  # again: something may have appeared meanwhile
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # Again: something may have appeared meanwhile.
+        check_output_dir(out_dir, command="predict", inputs=inputs, overwrite=overwrite)
     timings["write"] = time.perf_counter() - t0
     return PredictResult(
         out_dir=out_dir,
@@ -368,11 +356,21 @@ def export_checkpoint(
 ) -> Path:
     """Export a training checkpoint to ONNX with its data options and model name as metadata.
 
+    ``onnx_path`` is checked first: a writable file path apart from the checkpoint; an existing
+    file there is replaced only when it is an earlier ``hepaseg export`` (ONNX producer "hepaseg").
+
     Returns:
         ``onnx_path``.
     """
     from hepaseg.training import load_checkpoint
 
+    check_output_file(onnx_path, option="--onnx", inputs=[checkpoint])
+    if Path(onnx_path).is_file() and not _is_hepaseg_onnx(Path(onnx_path)):
+        raise HepasegError(
+            f"{onnx_path}: --onnx exists and is not an ONNX file written by `hepaseg export`: expected a new file "
+            "name or an earlier export. hepaseg replaces only its own outputs: delete or move the file yourself, "
+            "or choose another --onnx"
+        )
     loaded = load_checkpoint(checkpoint)
     opts = parse_data_options(loaded.data_options, source=f"{checkpoint}: data options")
     return export_onnx(
@@ -392,3 +390,13 @@ def export_checkpoint(
             "hepaseg_version": __version__,
         },
     )
+
+
+def _is_hepaseg_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX model that ``hepaseg export`` wrote (its producer_name)."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False).producer_name == "hepaseg"
+    except Exception:  # noqa: BLE001 -- protobuf raises several types for a file that is not ONNX
+        return False

@@ -35,8 +35,10 @@ from hepaseg.io.atomic import write_json_atomic
 
 __all__ = [
     "OUTPUT_MARKER",
+    "check_apart_from_inputs",
     "check_output_dir",
     "check_output_file",
+    "check_writable",
     "read_output_marker",
     "write_output_marker",
 ]
@@ -76,7 +78,8 @@ def _resolved(path: PathLike) -> Path:
     return Path(os.path.abspath(Path(path).expanduser())).resolve(strict=False)
 
 
-def _check_inputs(out: Path, option: str, inputs: Iterable[PathLike | None]) -> None:
+def check_apart_from_inputs(out: PathLike, option: str, inputs: Iterable[PathLike | None]) -> None:
+    """Refuse an output equal to, inside, or containing one of ``inputs`` (symlinks resolved)."""
     target = _resolved(out)
     for given in inputs:
         if given is None:
@@ -96,21 +99,30 @@ def _check_inputs(out: Path, option: str, inputs: Iterable[PathLike | None]) -> 
         )
 
 
-def _check_writable(out: Path, option: str) -> None:
-    """The nearest existing ancestor of ``out`` must be a writable folder (``out`` itself too if it exists)."""
+def check_writable(out: PathLike, option: str) -> None:
+    """Refuse an output path that cannot be written: a file where a folder must go, a read-only folder.
+
+    The nearest existing ancestor of ``out`` must be a writable folder; when ``out`` exists, its
+    parent must be writable (outputs are renamed into place beside it), and ``out`` too if it is
+    a folder.
+    """
+    out = Path(out)
     absolute = Path(os.path.abspath(out.expanduser()))
-    for folder in (absolute, *absolute.parents):
-        if folder.exists():
+    existing = absolute
+    for existing in (absolute, *absolute.parents):
+        if existing.exists():
             break
-        if folder.is_symlink():  # a dangling link: mkdir would fail
-            raise HepasegError(f"{out}: {option}: {folder} is a broken symbolic link: expected a folder. "
+        if existing.is_symlink():  # a dangling link: mkdir would fail
+            raise HepasegError(f"{out}: {option}: {existing} is a broken symbolic link: expected a folder. "
                                f"Choose another {option}")
-    if folder != absolute and not folder.is_dir():
-        raise HepasegError(f"{out}: {option}: {folder} is a file, not a folder: expected a path whose parents "
+    if existing != absolute and not existing.is_dir():
+        raise HepasegError(f"{out}: {option}: {existing} is a file, not a folder: expected a path whose parents "
                            f"are folders. Choose another {option}")
-    checks = [folder] if folder != absolute else ([absolute, absolute.parent] if absolute.is_dir()
-                                                   else [absolute.parent])
-    for place in checks:
+    if existing != absolute:
+        places = [existing]
+    else:
+        places = [absolute.parent, absolute] if absolute.is_dir() else [absolute.parent]
+    for place in places:
         if not os.access(place, os.W_OK | os.X_OK):
             raise HepasegError(f"{out}: {option}: cannot write in {place} (permission denied or read-only): "
                                f"expected a writable folder. Choose another {option} or fix the permissions")
@@ -145,11 +157,11 @@ def check_output_dir(
         HepasegError: one line, naming ``out`` and ``option`` (see the module docstring).
     """
     out = Path(out)
-    _check_inputs(out, option, inputs)
+    check_apart_from_inputs(out, option, inputs)
     if out.exists() and not out.is_dir():
         raise HepasegError(f"{out}: {option} exists and is a file: expected a folder (new, empty, or an earlier "
                            f"`hepaseg {command}` output). Choose another {option}")
-    _check_writable(out, option)
+    check_writable(out, option)
     if not out.is_dir():
         return "new"
     entries = sorted(p.name for p in out.iterdir())
@@ -195,8 +207,8 @@ def check_output_file(
     if suffix is not None and not path.name.lower().endswith(suffix):
         raise HepasegError(f"{option}: {path}: expected a {suffix} file name, got suffix {path.suffix or 'none'!r}. "
                            f"Name a {suffix} file")
-    _check_inputs(path, option, inputs)
+    check_apart_from_inputs(path, option, inputs)
     if path.is_dir():
         raise HepasegError(f"{path}: {option} is an existing folder: expected a file name. "
                            f"Name a file, e.g. {path / ('out' + (suffix or ''))}")
-    _check_writable(path, option)
+    check_writable(path, option)

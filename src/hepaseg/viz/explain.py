@@ -57,6 +57,7 @@ from hepaseg.inference.predictor import check_volume_for_model
 from hepaseg.inference.preprocess import parse_data_options, preprocess_slices, resize_slices
 from hepaseg.io import LABEL_TUMOR, Volume, read_volume
 from hepaseg.io.atomic import atomic_path
+from hepaseg.io.outputs import check_output_file
 
 __all__ = ["BODY_ABOVE_HU", "ExplainResult", "default_queries", "explain_slice", "map_to_input_grid"]
 
@@ -223,11 +224,13 @@ def explain_slice(
 
     Raises:
         HepasegError: unreadable checkpoint or source, ``z`` out of range (naming the slice
-            and the volume's depth), a query outside the slice, an ``out`` that is not ``.png``.
+            and the volume's depth), a query outside the slice, an ``out`` that is not a writable
+            ``.png`` path apart from the inputs.
     """
     out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise HepasegError(f"--out: {out}: expected a .png file name, got suffix {out.suffix or 'none'!r}")
+    # Before any work: a writable .png path, not an input nor inside an input folder.
+    check_output_file(out, option="--out", inputs=[checkpoint, None if isinstance(source, Volume) else source],
+                      suffix=".png")
     from hepaseg.training import load_checkpoint  # torch + lightning: imported only when used
 
     loaded = load_checkpoint(checkpoint)
