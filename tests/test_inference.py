@@ -388,3 +388,63 @@ def test_cli_predict_prints_lesions_and_paths(lits_case, tmp_path):
         app, ["predict", str(lits_case), "--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]
     )
     assert res.exit_code == 1 and "error:" in res.output and "--overwrite" in res.output
+
+
+_SLOW_WRITER = """
+import pathlib, sys, time
+import hepaseg.inference.pipeline as pipeline
+real, flag = pipeline.draw_overlay, pathlib.Path(sys.argv[1])
+
+def slow(*args, **kwargs):  # the overlay is drawn inside the temporary output folder: stop there
+    real(*args, **kwargs)
+    flag.write_text("writing")
+    time.sleep(120)
+
+pipeline.draw_overlay = slow
+from hepaseg.cli import app
+sys.argv = ["hepaseg", *sys.argv[2:]]
+app()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("earlier_output", [False, True])
+def test_sigterm_during_predict_leaves_no_temporary_folder(lits_case, tmp_path, earlier_output):
+    # Issue 9, item 6: SIGTERM while predict writes left a hidden temp folder with a partial mask.
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt = write_checkpoint(tmp_path / "m.ckpt")
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    args = ["predict", str(lits_case), "--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]
+    if earlier_output:  # an --overwrite that is stopped keeps the earlier output as it was
+        assert CliRunner().invoke(app, args).exit_code == 0
+        args.append("--overwrite")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} if out.exists() else None
+    script, flag = tmp_path / "slow.py", tmp_path / "writing.flag"
+    script.write_text(_SLOW_WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), str(flag), *args], text=True, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "predict did not reach the writing step in 120 s"
+            time.sleep(0.05)
+        assert any(p.name.startswith(".out.") for p in work.iterdir())  # the temporary folder exists now
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: SIGTERM: stopped") and "Traceback" not in stderr
+    assert [p.name for p in work.iterdir()] == (["out"] if earlier_output else [])  # no temporary left
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} if out.exists() else None
+    assert after == before

@@ -236,3 +236,41 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_data, tmp_path):
     # The resumed invocation logged only the new epochs, in a new CSV version.
     epochs = {int(r["epoch"]) for r in _metrics(run, version=1) if r["epoch"]}
     assert epochs == {epoch + 1, epoch + 2}
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_checkpoint_and_resume_finishes(tiny_data, tmp_path):
+    # Issue 9, item 6: SLURM preemption, `timeout` and `docker stop` send SIGTERM; the run must save
+    # last.ckpt and `--resume` must continue it to the end, no step repeated or lost.
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "hepaseg.cli", "train", "--data", str(tiny_data), "--model", "unet",
+            "--width", "4", "--out", str(run), "--batch-size", "2", "--precision", "32", "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*base, "--max-epochs", "500"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "last.ckpt").exists():  # training is under way (epoch 0 saved)
+            assert proc.poll() is None, "training exited before writing last.ckpt"
+            assert time.monotonic() < deadline, "no last.ckpt after 120 s"
+            time.sleep(0.05)
+        time.sleep(0.3)  # somewhere in a later epoch, usually mid-epoch
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert "stopped by SIGTERM" in errors[0] and str(run / "last.ckpt") in errors[0] and "--resume" in errors[0]
+    stopped = torch.load(run / "last.ckpt", weights_only=True)
+    step = stopped["global_step"]
+    assert 6 <= step < 500 * 6  # after epoch 0 (6 steps of 2 slices), long before the end
+    epochs = step // 6 + 2
+    done = subprocess.run([*base, "--resume", "--max-epochs", str(epochs)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = torch.load(run / "last.ckpt", weights_only=True)
+    assert final["global_step"] == epochs * 6  # every step of every epoch exactly once
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing set aside or half-written

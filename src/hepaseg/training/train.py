@@ -241,7 +241,7 @@ class _StopOnSigterm(Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             self.event.set()
-            trainer.save_checkpoint(self.last)
+            trainer.save_checkpoint(self.last, weights_only=False)  # full state: --resume needs it
             self.saved = True
 
 
@@ -480,7 +480,7 @@ def _fit(config: TrainConfig, run: Path, resume_from: Path | None, datamodule: S
             sigterm.event.set()
     if sigterm.event.is_set():
         if not sigterm.saved:  # stopped by should_stop: save the state reached
-            trainer.save_checkpoint(last)
+            trainer.save_checkpoint(last, weights_only=False)
         raise Terminated(
             f"{run}: training stopped by SIGTERM at step {trainer.global_step} (epoch {trainer.current_epoch}); "
             f"saved {last}. Continue with the same command and --resume"
@@ -489,7 +489,7 @@ def _fit(config: TrainConfig, run: Path, resume_from: Path | None, datamodule: S
     stopped_by_time = timer is not None and timer.time_remaining("train") <= 0
     if stopped_by_time:
         # The budget can end mid-epoch, after the last end-of-epoch save: save the state reached.
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)
         rank_zero_info(f"hepaseg: --max-minutes {config.max_minutes} reached; saved {last}")
     best_score = checkpointer.best_model_score
     best_val = float(best_score) if best_score is not None and math.isfinite(float(best_score)) else None
