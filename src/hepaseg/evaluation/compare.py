@@ -297,7 +297,7 @@ def compare(
         raise HepasegError(f"--seeds: invalid value: expected a positive integer, got {seeds!r}")
     data, out = Path(data), Path(out)
     # Before any work: a new folder, or this command's earlier (resumable) output; never around --data.
-    check_output_dir(out, command="compare", inputs=[data], reuse=True)
+    out_state = check_output_dir(out, command="compare", inputs=[data], reuse=True)
     if not data.is_dir():
         raise HepasegError(f"{data}: data directory not found: expected a directory written by "
                            "`hepaseg prepare`. Check --data or run `hepaseg prepare SOURCES --out DIR`")
@@ -318,7 +318,8 @@ def compare(
         "max_minutes_per_run": max_minutes_per_run, "train": shared,
     })
     out.mkdir(parents=True, exist_ok=True)
-    write_output_marker(out, "compare")
+    if out_state == "new":
+        write_output_marker(out, "compare")
     _check_protocol(out, protocol)
 
     runs: list[dict[str, Any]] = []

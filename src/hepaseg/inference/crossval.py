@@ -83,6 +83,7 @@ from hepaseg.evaluation.compare import _check_protocol, _write_csv, parse_models
 from hepaseg.evaluation.detection import DIAMETER_BINS, fp_slice_rate, lesion_detection, tumor_free_liver_slices
 from hepaseg.evaluation.evaluate import check_threshold, json_safe
 from hepaseg.evaluation.metrics import volume_metrics
+from hepaseg.io import find_cases
 from hepaseg.io.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from hepaseg.io.outputs import check_output_dir, write_output_marker
 from hepaseg.io.volume import LABEL_TUMOR
@@ -478,7 +479,7 @@ def crossval(
     sources = [Path(s) for s in sources]
     out = Path(out)
     # Before any work: a new folder, or this command's earlier (resumable) output; never around a source.
-    check_output_dir(out, command="crossval", inputs=sources, reuse=True)
+    out_state = check_output_dir(out, command="crossval", inputs=sources, reuse=True)
     train_opts = dict(train_options or {})
     prep_opts = dict(prepare_options or {})
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -507,8 +508,13 @@ def crossval(
     for src in sources:
         if not src.exists():
             raise HepasegError(f"{src}: source not found: expected an existing file or folder of CT volumes")
+    n_cases = len(find_cases(sources))  # cheap (paths only): refuse one patient before writing anything
+    if n_cases < 2:
+        raise HepasegError(f"{', '.join(map(str, sources))}: {n_cases} patient found: expected at least two "
+                           "labelled patients for leave-one-patient-out. Add sources")
     out.mkdir(parents=True, exist_ok=True)
-    write_output_marker(out, "crossval")
+    if out_state == "new":
+        write_output_marker(out, "crossval")
     _check_protocol(out, protocol)
 
     pool = _prepare_pool(sources, out / "prepared" / "tumor", tumor_prepare, say)

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,15 +75,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _termination_deferred() -> Iterator[None]:
-    """Hold SIGTERM/SIGINT until the block ends, so a swap of two folders is never cut in half."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
+    """Hold SIGTERM/SIGINT until the block ends, so a swap of two folders is never cut in half.
+
+    The signals are recorded by a temporary handler and raised again afterwards, reaching the
+    previous handler (blocking with a signal mask would not do: Python runs its handlers in the
+    main thread whichever thread the signal reaches, and torch starts threads).
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    held: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in previous:
+        signal.signal(signum, lambda received, frame: held.append(received))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in held:
+            signal.raise_signal(signum)
 
 
 def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:

@@ -95,7 +95,7 @@ def check_apart_from_inputs(out: PathLike, option: str, inputs: Iterable[PathLik
             continue
         raise HepasegError(
             f"{out}: {option} {relation} the input {given}: expected an output apart from every input "
-            f"(an output may be replaced; an input must never be). Choose an {option} outside {given}"
+            f"(an output may be replaced; an input must never be). Choose a path outside {given} for {option}"
         )
 
 
