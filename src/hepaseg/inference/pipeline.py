@@ -47,6 +47,7 @@ from hepaseg.inference.overlay import draw_overlay
 from hepaseg.inference.predictor import check_volume_for_model, predict_volume
 from hepaseg.inference.preprocess import parse_data_options
 from hepaseg.io import (
+    CANONICAL_DESCRIPTION,
     LABEL_LIVER,
     LABEL_TUMOR,
     atomic_dir,
@@ -254,6 +255,12 @@ def predict_case(
         timings.update({f"inference_{k}": v for k, v in cascade.timings.items()})
     timings["inference"] = time.perf_counter() - t0
     warnings = list(cascade.warnings) if cascade is not None else []
+    geometry = volume.source_geometry
+    if data_options.get("orientation") is None and geometry is not None and not geometry.is_identity:
+        warnings.append(
+            f"the checkpoint was trained on slices prepared before hepaseg sliced every source in one "
+            f"orientation, and this {geometry.axcodes} input was reoriented to LPS: re-prepare and re-train"
+        )
 
     t0 = time.perf_counter()
     mask = tumor
@@ -283,6 +290,7 @@ def predict_case(
         "connectivity": 26,
         "hepaseg_version": __version__,
         "label_note": label_note,
+        "orientation": {"canonical": CANONICAL_DESCRIPTION, **(geometry.as_dict() if geometry is not None else {})},
     }
     if cascade is not None:
         settings["cascade"] = {

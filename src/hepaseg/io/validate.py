@@ -1,7 +1,8 @@
 """The checks every volume passes at read time, whatever its format.
 
-:func:`check_volume` runs at the end of :func:`hepaseg.io.read_volume`, before any command
-does work with the volume. It refuses (one line naming the file):
+:func:`check_volume` runs inside :func:`hepaseg.io.read_volume` on each reader's volume, before
+it is brought to the canonical orientation (which needs an invertible affine) and before any
+command does work with it. It refuses (one line naming the file):
 
 * NaN or infinite voxels (with their count): they would be written into prepared shards and
   make training diverge, or poison the window of a prediction;
