@@ -4,7 +4,7 @@ from hepaseg.io.atomic import atomic_dir, atomic_path, replace_dir, write_json_a
 from hepaseg.io.volume import LABEL_BACKGROUND, LABEL_LIVER, LABEL_TUMOR, Volume
 
 from hepaseg.io.nifti import write_image_nifti, write_label_nifti
-from hepaseg.io.readers import find_cases, read_volume
+from hepaseg.io.readers import DicomOptions, case_id_of, find_cases, read_volume
 
 # [io:exports]
 
@@ -12,10 +12,12 @@ __all__ = [
     "LABEL_BACKGROUND",
     "LABEL_LIVER",
     "LABEL_TUMOR",
+    "DicomOptions",
     "Volume",
     "atomic_dir",
     "atomic_path",
     "replace_dir",
+    "case_id_of",
     "find_cases",
     "read_volume",
     "write_image_nifti",
