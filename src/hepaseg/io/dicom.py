@@ -158,8 +158,8 @@ class SeriesInfo:
         """JSON-ready description for ``hepaseg info`` (spacing in mm, times as in the header)."""
         ref = self.items[0][1]
         iop = _majority_iop(self.items)
-        axial_images = [ds for _, ds in self.items if _iop_of(ds) is not None and np.allclose(_iop_of(ds), iop, atol=1e-4)]
-        step = _step_estimate(axial_images, iop)
+        same = [ds for _, ds in self.items if _iop_of(ds) is not None and np.allclose(_iop_of(ds), iop, atol=1e-4)]
+        step = _step_estimate(same, iop)
         ps = _try_floats(ref, "PixelSpacing", 2)
         phase = next((name for name, rx in _PHASE_WORDS if rx.search(self.description)), None)
         contrast = str(ref.get("ContrastBolusAgent", "") or "").strip()

@@ -273,7 +273,10 @@ def write_seg(
         try:
             ds = pydicom.dcmread(file, stop_before_pixels=True)
         except Exception as exc:  # noqa: BLE001
-            raise HepasegError(f"{file}: cannot re-read the source DICOM for the SEG: {exc}. Keep the input in place")
+            raise HepasegError(
+                f"{file}: cannot re-read the source DICOM for the SEG: {type(exc).__name__}: expected the file read "
+                "before. Keep the input in place while predicting"
+            ) from None
         if str(ds.get("SOPInstanceUID", "")) != uid:
             raise HepasegError(
                 f"{file}: source changed since it was read: expected SOPInstanceUID {uid}, got "

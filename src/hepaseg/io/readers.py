@@ -260,7 +260,9 @@ def _detect(p: Path) -> tuple[str, Path]:
     if len(niftis) > 1:
         _many_cases(p, niftis)
     cases = _cases_in_dir(p, depth=1)
-    if len(cases) == 1 and cases[0] != p:
+    if cases == [p]:
+        return "dicom", p  # a study folder whose series lie in subfolders
+    if len(cases) == 1:
         # One case further down (a study folder's series one or more folders deep, a LiTS
         # folder inside a batch folder): read it; a DICOM study keeps the folder given.
         kind, target = _detect(cases[0])
@@ -536,8 +538,8 @@ def _read_dicom(target: Path, *, with_label: bool, options: DicomOptions) -> Vol
     scan = scan_study(entries, where=where)
     if not scan.series and not scan.segs and not any(what != "not DICOM" for _, what in scan.skipped):
         raise HepasegError(
-            f"{where}: no DICOM files: expected a CT series, got {_listing(target) if target.is_dir() else target.name}."
-            " Check the path."
+            f"{where}: no DICOM files: expected a CT series, got "
+            f"{_listing(target) if target.is_dir() else target.name}. Check the path."
         )
     chosen, reason = choose_series(scan, options.series)
     datasets, _ = read_datasets((name, Path(name)) for name, _ in chosen.items)
