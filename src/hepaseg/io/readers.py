@@ -58,7 +58,7 @@ from hepaseg.io.mrc import load_mrc
 from hepaseg.io.nifti import check_label_values, is_nifti_path, load_nifti, nifti_stem
 from hepaseg.io.volume import LABEL_LIVER, LABEL_TUMOR, Volume
 
-__all__ = ["DicomOptions", "case_id_of", "find_cases", "read_volume"]
+__all__ = ["DicomOptions", "case_id_of", "detect_layout", "find_cases", "read_volume"]
 
 _LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$", re.IGNORECASE)
 _MRC_IMAGE = re.compile(r"^img_(.+)\.mrc$", re.IGNORECASE)
@@ -192,6 +192,15 @@ def find_cases(paths: list[str | os.PathLike]) -> list[Path]:
             if f not in out:
                 out.append(f)
     return out
+
+
+def detect_layout(path: str | os.PathLike) -> tuple[str, Path]:
+    """``(kind, path its reader takes)`` for one case (see the module table); nothing is decoded.
+
+    Raises:
+        HepasegError: as :func:`read_volume` for a missing, empty or unrecognised source.
+    """
+    return _detect(Path(path))
 
 
 def case_id_of(path: str | os.PathLike) -> str:
