@@ -58,7 +58,7 @@ def test_study_folder_two_levels_down_default_series(tmp_path):
     assert vol.kind == "dicom" and vol.shape == made["image"].shape
     np.testing.assert_array_equal(vol.image, made["image"].astype(np.float32))
     assert vol.meta["series"]["uid"] == PORTAL
-    assert vol.meta["series_choice"] == "axial CT with the most images (10 of 3 series)"
+    assert vol.meta["series_choice"] == "axial CT with the most images (10; 3 series found)"
     assert vol.meta["skipped_objects"] == {"structured report": 1}
     assert vol.label is None  # no SEG in the study
     assert vol.meta["sop_instance_uids"] == [f"{PORTAL}.{k + 1}" for k in range(10)]
@@ -192,7 +192,7 @@ def test_realdata_study_folder_picks_the_portal_series(ircadb_study, ircadb_dir)
         warnings.simplefilter("error", HepasegWarning)  # nothing to drop in a clean export
         vol = read_volume(ircadb_study["root"])
     assert vol.meta["series"]["uid"] == ircadb_study["portal_uid"]
-    assert vol.meta["series_choice"] == "axial CT with the most images (129 of 3 series)"
+    assert vol.meta["series_choice"] == "axial CT with the most images (129; 3 series found)"
     np.testing.assert_array_equal(vol.image, reference.image)
     np.testing.assert_allclose(vol.affine, reference.affine)
     art = read_volume(ircadb_study["root"], dicom=DicomOptions(series="ARTERIAL"))

@@ -238,9 +238,8 @@ def info_command(
         dicom = case.get("dicom")
         if dicom:
             table = Table(title="series")
-            for col in ("used", "number", "description", "modality", "images", "spacing mm (slice; pixel)",
-                        "orientation", "phase / time", "SeriesInstanceUID"):
-                table.add_column(col)
+            for col in ("used", "#", "description", "mod.", "images", "step; pixel mm", "plane", "phase / time"):
+                table.add_column(col, overflow="fold")
             for s in dicom["series"]:
                 pixel = "x".join(f"{v:g}" for v in s["pixel_spacing_mm"]) if s["pixel_spacing_mm"] else "?"
                 step = "-" if s["slice_step_mm"] is None else f"{s['slice_step_mm']:g}"
@@ -248,8 +247,11 @@ def info_command(
                 when = " ".join(v for v in (s["phase"], s["contrast"] and f"contrast {s['contrast']}", s["time"]) if v)
                 table.add_row("*" if s["used"] else "", "-" if s["number"] is None else str(s["number"]),
                               s["description"], s["modality"], str(s["images"]), f"{step}; {pixel}", kind,
-                              when or "-", s["uid"])
+                              when or "-")
             console.print(table)
+            for s in dicom["series"]:  # on their own lines, never cut: a UID is what --series takes
+                console.print(f"  #{'-' if s['number'] is None else s['number']} {s['uid']}", highlight=False,
+                              soft_wrap=True)
             console.print(f"used: {dicom['chosen'] or 'none'}: {dicom['choice']}", highlight=False, soft_wrap=True)
             for seg_info in dicom["segs"]:
                 segments = ", ".join(f"{x['number']} {x['label']!r}->{x['role'] or 'ignored'}"

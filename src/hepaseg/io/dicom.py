@@ -398,7 +398,7 @@ def choose_series(scan: DicomScan, series: str | None = None) -> tuple[SeriesInf
     elif len(ranked) > 1 and rank(ranked[1])[0] == n:
         reason = f"axial CT with the most images ({n}); tied, so the one acquired last (highest series number)"
     else:
-        reason = f"axial CT with the most images ({n} of {len(candidates)} series)"
+        reason = f"axial CT with the most images ({n}; {len(candidates)} series found)"
     return chosen, reason
 
 
