@@ -76,7 +76,7 @@ def make_scene() -> tuple[Volume, dict[str, np.ndarray]]:
     for name in ("near", "far"):
         image[parts[name]] = 100.0
     image[parts["fake_liver"]] = 150.0
-    affine = np.diag([SPACING[2], SPACING[1], SPACING[0], 1.0])
+    affine = np.diag([-SPACING[2], -SPACING[1], SPACING[0], 1.0])  # canonical LPS: read back unchanged
     volume = Volume(image=image, spacing=SPACING, affine=affine, label=label, case_id="scene", kind="lits")
     return volume, parts
 

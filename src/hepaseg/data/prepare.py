@@ -20,6 +20,7 @@ Prepared dataset format (``hepaseg-slices/1``)
                   "target": "liver"            (only with --target liver; absent = "tumor"),
                   "roi": "liver", "roi_margin_mm": 10.0   (only with --roi liver; absent = whole slices)},
       "demo_z_split": false,          # true when z_split was used: NOT a patient-level split
+      "orientation": "LPS: ...",      # every case is sliced in this one canonical orientation
       "cases": [ {"id": "ircadb-1.1", "source": "...", "kind": "ircadb",
                   "shape": [z, y, x], "spacing": [z, y, x] (mm),
                   "kept_slices": [original z indices], "n_slices": n,
@@ -27,6 +28,7 @@ Prepared dataset format (``hepaseg-slices/1``)
                   "liver_pixels": <label > 0 pixels (liver incl. tumour) at the prepared size>,
                   "has_label": true (false: unlabelled source, --slices all; label is all 0),
                   "crop_box": null, or with --roi liver [y0, y1, x0, x1] (see below),
+                  "source_axcodes": "LPS", "reoriented": false, "oblique_deg": 0.0,
                   "split": "train" | "val" | "test", "shard": "cases/ircadb-1.1.npz"} ]
     }
     DIR/cases/<id>.npz  (numpy.savez_compressed):
@@ -126,7 +128,7 @@ from rich.table import Table
 from hepaseg import __version__
 from hepaseg.data.roi import ROI_MODES, crop_slices, liver_crop_box
 from hepaseg.errors import HepasegError
-from hepaseg.io import DicomOptions, find_cases, read_volume
+from hepaseg.io import CANONICAL_DESCRIPTION, DicomOptions, find_cases, read_volume
 from hepaseg.io.atomic import replace_dir, write_json_atomic
 from hepaseg.io.volume import LABEL_TUMOR, Volume
 
@@ -673,6 +675,7 @@ def prepare(
                             "liver_pixels": int((label > 0).sum()),
                             "has_label": vol.label is not None,
                             "crop_box": None if box is None else [int(b) for b in box],
+                            **(vol.source_geometry.as_dict() if vol.source_geometry is not None else {}),
                             "split": block_split,
                             "shard": shard,
                         }
@@ -719,6 +722,7 @@ def prepare(
                 **({"roi": roi, "roi_margin_mm": roi_margin_mm} if roi is not None else {}),
             },
             "demo_z_split": z_opts is not None,
+            "orientation": CANONICAL_DESCRIPTION,
             "cases": cases,
         }
         write_json_atomic(tmp / "manifest.json", manifest)  # last file written

@@ -55,6 +55,7 @@ from hepaseg.inference.overlay import draw_overlay
 from hepaseg.inference.predictor import check_volume_for_model, predict_volume
 from hepaseg.inference.preprocess import parse_data_options
 from hepaseg.io import (
+    CANONICAL_DESCRIPTION,
     LABEL_LIVER,
     LABEL_TUMOR,
     DicomOptions,
@@ -355,6 +356,12 @@ def predict_case(
     timings["inference"] = time.perf_counter() - t0
     warnings = list(volume.meta.get("warnings", []))  # odd DICOM images left out of the series
     warnings += list(cascade.warnings) if cascade is not None else []
+    geometry = volume.source_geometry
+    if data_options.get("orientation") is None and geometry is not None and not geometry.is_identity:
+        warnings.append(
+            f"the checkpoint was trained on slices prepared before hepaseg sliced every source in one "
+            f"orientation, and this {geometry.axcodes} input was reoriented to LPS: re-prepare and re-train"
+        )
 
     t0 = time.perf_counter()
     mask = tumor
@@ -385,6 +392,7 @@ def predict_case(
         "hepaseg_version": __version__,
         "label_note": label_note,
         "output_format": output_format,
+        "orientation": {"canonical": CANONICAL_DESCRIPTION, **(geometry.as_dict() if geometry is not None else {})},
     }
     if "series" in volume.meta:  # DICOM: which series was used, and why
         settings["series"] = {**volume.meta["series"], "choice": volume.meta.get("series_choice")}

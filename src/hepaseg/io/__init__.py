@@ -1,14 +1,19 @@
 """Reading and writing CT volumes (LiTS, MSD Task03, 3D-IRCADb, NIfTI, DICOM, MRC)."""
 
 from hepaseg.io.atomic import atomic_dir, atomic_path, replace_dir, write_json_atomic, write_text_atomic
+from hepaseg.io.orientation import CANONICAL_AXCODES, CANONICAL_DESCRIPTION, SourceGeometry, to_canonical
 from hepaseg.io.volume import LABEL_BACKGROUND, LABEL_LIVER, LABEL_TUMOR, Volume
 
-from hepaseg.io.nifti import write_image_nifti, write_label_nifti
+from hepaseg.io.nifti import write_array_nifti, write_image_nifti, write_label_nifti
 from hepaseg.io.readers import DicomOptions, case_id_of, find_cases, read_volume
 
 # [io:exports]
 
 __all__ = [
+    "CANONICAL_AXCODES",
+    "CANONICAL_DESCRIPTION",
+    "SourceGeometry",
+    "to_canonical",
     "LABEL_BACKGROUND",
     "LABEL_LIVER",
     "LABEL_TUMOR",
@@ -20,6 +25,7 @@ __all__ = [
     "case_id_of",
     "find_cases",
     "read_volume",
+    "write_array_nifti",
     "write_image_nifti",
     "write_json_atomic",
     "write_label_nifti",

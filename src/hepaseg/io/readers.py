@@ -2,7 +2,9 @@
 
 :func:`read_volume` detects the source from the path and returns a
 :class:`~hepaseg.io.volume.Volume` (image float32 HU ``(z, y, x)``, spacing mm
-``(z, y, x)``, RAS affine for index order ``(x, y, z)``, label uint8 {0, 1, 2});
+``(z, y, x)``, RAS affine for index order ``(x, y, z)``, label uint8 {0, 1, 2}) in the
+canonical orientation of :mod:`hepaseg.io.orientation` (rows anterior->posterior, columns
+the patient's right->left), with the source's own geometry in ``source_geometry``;
 :func:`find_cases` expands folders holding many cases into one path per case.
 
 Layouts (each detected from the path; the path may be the folder or the image file):
@@ -55,7 +57,8 @@ from hepaseg.io.dicom import (
 )
 from hepaseg.io.dicom_seg import SegGeometry, parse_seg_labels, read_seg_label, seg_referenced_series
 from hepaseg.io.mrc import load_mrc
-from hepaseg.io.nifti import check_label_values, is_nifti_path, load_nifti, nifti_stem
+from hepaseg.io.nifti import check_label_values, is_nifti_path, load_nifti, nifti_header_geometry, nifti_stem
+from hepaseg.io.orientation import to_canonical
 from hepaseg.io.volume import LABEL_LIVER, LABEL_TUMOR, Volume
 
 __all__ = ["DicomOptions", "case_id_of", "detect_layout", "find_cases", "read_volume"]
@@ -116,7 +119,8 @@ def read_volume(path: str | os.PathLike, *, with_label: bool = True, dicom: Dico
         dicom: series choice and SEG labels for DICOM study folders (:class:`DicomOptions`).
 
     Returns:
-        A :class:`Volume`; ``image`` float32 ``(z, y, x)`` HU, ``label`` uint8 {0, 1, 2}.
+        A :class:`Volume`; ``image`` float32 ``(z, y, x)`` HU, ``label`` uint8 {0, 1, 2},
+        both in the canonical orientation (``volume.to_source`` maps an array back).
 
     Raises:
         HepasegError: missing/empty/unrecognised source, several cases in one folder,
@@ -136,16 +140,17 @@ def read_volume(path: str | os.PathLike, *, with_label: bool = True, dicom: Dico
         )
     if kind == "dicom":
         volume = _read_dicom(target, with_label=with_label, options=dicom or DicomOptions())
-        volume.source = str(path)
-        return volume
-    reader = {
-        "lits": _read_lits,
-        "msd": _read_msd,
-        "ircadb": _read_ircadb,
-        "mrc": _read_mrc,
-        "nifti": _read_nifti,
-    }[kind]
-    volume = reader(target, with_label=with_label)
+    else:
+        reader = {
+            "lits": _read_lits,
+            "msd": _read_msd,
+            "ircadb": _read_ircadb,
+            "mrc": _read_mrc,
+            "nifti": _read_nifti,
+        }[kind]
+        volume = reader(target, with_label=with_label)
+    if volume.source_geometry is None:  # NIfTI readers canonicalise themselves (they keep the header)
+        volume = to_canonical(volume)
     volume.source = str(path)
     return volume
 
@@ -489,9 +494,10 @@ def _nifti_case(image_file: Path, label_file: Path | None, *, case_id: str, kind
         if not np.allclose(label_affine, affine, atol=1e-3):
             # Shapes agree, so the voxels correspond; the image's geometry is the one we keep.
             meta["label_affine_differs"] = True
-    return Volume(
+    volume = Volume(
         image=image, spacing=spacing, affine=affine, label=label, case_id=case_id, kind=kind, meta=meta
     )
+    return to_canonical(volume, nifti_header=nifti_header_geometry(image_file))
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,9 +528,12 @@ def _read_mrc(image_file: Path, *, with_label: bool) -> Volume:
             )
         label = check_label_values(raw, label_file)
         meta["label_file"] = str(label_file)
-    # The header has no orientation: index (x, y, z) maps to mm along the world axes.
-    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
-    meta["orientation_note"] = "MRC has no orientation; affine is axis-aligned"
+    # The header has no orientation. load_mrc returns the arrays (z, y, x) in the axial display
+    # of the LiTS scan (liver on the image's left, spine at the bottom: checked on LiTS-117), so
+    # the affine states the canonical LPS directions: x -> patient left, y -> posterior.
+    sz, sy, sx = spacing
+    affine = np.diag([-sx, -sy, sz, 1.0])
+    meta["orientation_note"] = "MRC has no orientation: axial display assumed (LiTS-117 sample layout)"
     return Volume(
         image=image, spacing=spacing, affine=affine, label=label, case_id=case_id, kind="mrc", meta=meta
     )
