@@ -25,6 +25,7 @@ import hepaseg.training
 from _dicom_data import ircadb_datasets, write_ct_series, write_series_from
 from hepaseg.errors import HepasegError
 from hepaseg.inference import predict_case
+from hepaseg.io import read_volume
 from hepaseg.models import build_model
 
 WINDOW = (-200.0, 250.0)
@@ -100,9 +101,9 @@ def _scene() -> np.ndarray:
     return image
 
 
-def _series(folder: Path, image: np.ndarray, *, shuffled: bool = False) -> list[Path]:
+def _series(folder: Path, image: np.ndarray, *, shuffled: bool = False, iop=(1, 0, 0, 0, 1, 0)) -> list[Path]:
     perm = np.random.default_rng(5).permutation(len(image)) if shuffled else np.arange(len(image))
-    return write_ct_series(folder, image, series_uid=SERIES, spacing=(2.0, 0.9, 0.8),
+    return write_ct_series(folder, image, series_uid=SERIES, spacing=(2.0, 0.9, 0.8), iop=iop,
                            name=(lambda k: f"x{perm[k]:02d}") if shuffled else (lambda k: f"1-{k + 1:03d}.dcm"))
 
 
@@ -125,11 +126,14 @@ def _seg_by_instance(path: Path, uids: list[str]) -> dict[str, np.ndarray]:
     return {seg.get_segment_description(n).segment_label: pixels[..., i] for i, n in enumerate(numbers)}
 
 
-@pytest.mark.parametrize("shuffled", [False, True], ids=["ordered", "shuffled-on-disk"])
-def test_seg_round_trip_equals_the_nifti_mask(toys, tmp_path, shuffled):
+@pytest.mark.parametrize(("shuffled", "iop"), [(False, (1, 0, 0, 0, 1, 0)), (True, (1, 0, 0, 0, 1, 0)),
+                                               (True, (-1, 0, 0, 0, -1, 0))],
+                         ids=["ordered", "shuffled-on-disk", "shuffled-rows-and-columns-flipped"])
+def test_seg_round_trip_equals_the_nifti_mask(toys, tmp_path, shuffled, iop):
+    """The flipped series is not canonical: hepaseg reorients it, and to_source must undo that for the SEG."""
     image = _scene()
     folder = tmp_path / "ct"
-    _series(folder, image, shuffled=shuffled)
+    _series(folder, image, shuffled=shuffled, iop=iop)
     out = tmp_path / "pred"
     result = predict_case(folder, out, checkpoint=toys["tumor"], output_format="both", progress=False, device="cpu")
     assert sorted(p.name for p in out.iterdir()) == ["lesions.csv", "lesions.json", "overlay.png",
@@ -141,6 +145,8 @@ def test_seg_round_trip_equals_the_nifti_mask(toys, tmp_path, shuffled):
     assert list(seg) == ["Tumor"]
     np.testing.assert_array_equal(seg["Tumor"], nifti)
     assert result.paths["seg"] == out / "segmentation.dcm" and len(result.lesions) == 2
+    geometry = read_volume(folder).source_geometry
+    assert (geometry is not None and not geometry.is_identity) == (iop[0] == -1)  # really reoriented
 
 
 def test_seg_of_a_cascade_has_tumour_and_liver_segments(toys, tmp_path):

@@ -188,3 +188,40 @@ def test_realdata_seg_from_ircadb_masks_reads_back_voxel_for_voxel(ircadb_seg_ca
     seg.unlink()
     vol = read_volume(ircadb_seg_case["root"], dicom=DicomOptions(seg=(only,)))
     np.testing.assert_array_equal(vol.label, np.where(label == 2, 2, 0))
+
+
+def test_evaluate_volumes_explain_and_crossval_reader_take_seg_labels(case, tmp_path):
+    """The labelled-case paths of evaluate --volumes, explain and crossval read the SEG (via the CLI options)."""
+    import torch
+    from typer.testing import CliRunner
+
+    from hepaseg.cli import app
+    from hepaseg.inference.crossval import _read_held_out
+    from hepaseg.models import build_model
+
+    seg = write_seg(tmp_path / "labels.dcm", case["files"], [("Liver", "liver", case["label"] > 0),
+                                                            ("Lesion 1", "tumor", case["label"] == 2)])
+    net = build_model("unet", in_channels=1, num_classes=1, base_width=4)
+    ckpt = tmp_path / "unet.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "hepaseg": {"version": "0.1.0", "model": "unet", "model_options": {}, "in_channels": 1,
+                            "num_classes": 1, "base_width": 4, "metrics": {}, "config": {},
+                            "data_options": {"window": [-200.0, 250.0], "size": 32, "context_slices": 0,
+                                             "slices": "tumor", "target": "tumor"}}}, ckpt)
+    runner = CliRunner()
+    res = runner.invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--volumes", str(case["root"]), "--seg",
+                              str(seg), "--series", "2", "--json", "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.output)["volumes"]["cases"]
+    assert row["target_voxels"] == int((case["label"] == 2).sum())
+    z = int(np.flatnonzero((case["label"] == 2).any(axis=(1, 2)))[0])
+    res = runner.invoke(app, ["explain", "--checkpoint", str(ckpt), "--input", str(case["root"]), "--slice", str(z),
+                              "--out", str(tmp_path / "x.png"), "--seg", str(seg)])
+    assert res.exit_code == 0, res.output
+    assert "tumour" in res.output  # the default query found a tumour pixel: the SEG was read
+    res = runner.invoke(app, ["explain", "--checkpoint", str(ckpt), "--input", str(case["root"]), "--slice", "0",
+                              "--out", str(tmp_path / "y.png"), "--seg-labels", "tumor"])
+    assert res.exit_code == 1 and "error: --seg-labels: 'tumor' has no '='" in res.output
+    seg.rename(case["root"] / "labels.dcm")  # crossval finds each study's SEG in its folder
+    held_out = _read_held_out(str(case["root"]), "f0", DicomOptions(seg_labels="tumor=Lesion"))
+    np.testing.assert_array_equal(held_out.label, case["label"])  # liver keeps its default name
