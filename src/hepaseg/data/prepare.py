@@ -626,6 +626,11 @@ def prepare(
             for path in case_paths:
                 bar.update(task, description=f"preparing {Path(path).name}")
                 vol = read_volume(path, dicom=dicom)  # labels too when the layout has them, even for --slices all
+                if "series_choice" in vol.meta:  # a DICOM study: say which series was used, and why
+                    series = vol.meta["series"]
+                    number = "-" if series.get("number") is None else series["number"]
+                    console.print(f"{vol.case_id}: series #{number} {series.get('description') or 'no description'!r}"
+                                  f" ({series['uid']}): {vol.meta['series_choice']}", highlight=False, soft_wrap=True)
                 where = f"{path}"
                 if vol.case_id in seen:
                     raise HepasegError(
