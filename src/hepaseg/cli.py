@@ -11,6 +11,7 @@ import functools
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path  # noqa: F401
 from typing import Annotated, Optional  # noqa: F401  (Optional: typer needs it on 3.11 for some types)
 
@@ -18,7 +19,7 @@ import typer
 from rich.console import Console
 
 from hepaseg import __version__
-from hepaseg.errors import HepasegError, Terminated
+from hepaseg.errors import HepasegError, HepasegWarning, Terminated
 
 app = typer.Typer(
     name="hepaseg",
@@ -53,7 +54,10 @@ def user_errors(fn):
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", HepasegWarning)
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except HepasegError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
@@ -74,6 +78,38 @@ def user_errors(fn):
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     return wrapper
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """HepasegWarning (an odd DICOM image left out, ...) as one ``warning: ...`` line on stderr."""
+    if issubclass(category, HepasegWarning):
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+# --- DICOM options shared by the commands that read CT (prepare, predict, evaluate, explain, info) ---
+SeriesOption = Annotated[
+    Optional[str],
+    typer.Option("--series", help="DICOM: series to use: SeriesInstanceUID, SeriesNumber or description text "
+                                  "(default: the axial CT series with the most images)."),
+]
+SegOption = Annotated[
+    Optional[list[Path]], typer.Option("--seg", help="DICOM-SEG file with the labels of a single DICOM case.")
+]
+SegLabelsOption = Annotated[
+    Optional[str],
+    typer.Option("--seg-labels", help='DICOM-SEG segment names per role, e.g. "liver=Liver;tumor=Mass,Lesion".'),
+]
+
+
+def _dicom_options(series: str | None, seg: list[Path] | None, seg_labels: str | None):
+    """The DicomOptions of --series/--seg/--seg-labels (validated), or None when none is given."""
+    if series is None and not seg and seg_labels is None:
+        return None
+    from hepaseg.io import DicomOptions
+
+    return DicomOptions(series=series, seg=tuple(seg or ()), seg_labels=seg_labels).check()
 
 
 def _print_trained_and_written(result) -> None:
@@ -149,6 +185,9 @@ def prepare_command(
     roi_margin: Annotated[float, typer.Option(help="Margin around the liver box with --roi liver, mm.")] = 10.0,
     overwrite: Annotated[bool, typer.Option(help="Replace a previous prepare output at --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    series: SeriesOption = None,
+    seg: SegOption = None,
+    seg_labels: SegLabelsOption = None,
 ) -> None:
     """Window, resize and select axial slices of CT volumes into a slice dataset with a patient-level split."""
     from hepaseg.data.prepare import prepare  # imports torch: keep `hepaseg --help` fast
@@ -172,6 +211,7 @@ def prepare_command(
         overwrite=overwrite,
         progress=progress,
         console=console,
+        dicom=_dicom_options(series, seg, seg_labels),
     )  # prints the per-case table
 
 
@@ -200,6 +240,71 @@ def sample_command(
         if f.is_file() and not f.name.startswith("."):
             table.add_row(f.name, f"{f.stat().st_size:,}")
     console.print(table)
+
+
+@app.command("info")
+@user_errors
+def info_command(
+    path: Annotated[Path, typer.Argument(help="A case or a folder of cases: DICOM study, LiTS, MSD, NIfTI, ...")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON, not tables.")] = False,
+    series: SeriesOption = None,
+    seg: SegOption = None,
+    seg_labels: SegLabelsOption = None,
+) -> None:
+    """Show what PATH holds: cases, DICOM series (which one is used and why), SEG objects, label counts."""
+    import json
+
+    from rich.table import Table
+
+    from hepaseg.io.info import describe_path
+
+    info = describe_path(path, dicom=_dicom_options(series, seg, seg_labels))
+    if json_output:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for case in info["cases"]:
+        size = "" if case["shape"] is None else (
+            f": {' x '.join(map(str, case['shape']))} voxels (z, y, x) at "
+            f"{' x '.join(f'{v:g}' for v in case['spacing_mm'])} mm")
+        console.print(f"[bold]{case['case_id'] or case['path']}[/] ({case['kind']}, {case['path']}){size}",
+                      highlight=False, soft_wrap=True)
+        dicom = case.get("dicom")
+        if dicom:
+            table = Table(title="series")
+            for col in ("used", "#", "description", "mod.", "images", "step; pixel mm", "plane", "phase / time"):
+                table.add_column(col, overflow="fold")
+            for s in dicom["series"]:
+                pixel = "x".join(f"{v:g}" for v in s["pixel_spacing_mm"]) if s["pixel_spacing_mm"] else "?"
+                step = "-" if s["slice_step_mm"] is None else f"{s['slice_step_mm']:g}"
+                kind = "localiser" if s["localizer"] else s["orientation"]
+                when = " ".join(v for v in (s["phase"], s["contrast"] and f"contrast {s['contrast']}", s["time"]) if v)
+                table.add_row("*" if s["used"] else "", "-" if s["number"] is None else str(s["number"]),
+                              s["description"], s["modality"], str(s["images"]), f"{step}; {pixel}", kind,
+                              when or "-")
+            console.print(table)
+            for s in dicom["series"]:  # on their own lines, never cut: a UID is what --series takes
+                console.print(f"  #{'-' if s['number'] is None else s['number']} {s['uid']}", highlight=False,
+                              soft_wrap=True)
+            console.print(f"used: {dicom['chosen'] or 'none'}: {dicom['choice']}", highlight=False, soft_wrap=True)
+            for seg_info in dicom["segs"]:
+                segments = ", ".join(f"{x['number']} {x['label']!r}->{x['role'] or 'ignored'}"
+                                     for x in seg_info["segments"])
+                console.print(f"SEG {seg_info['file']} ({'used' if seg_info['used'] else 'not used'}): {segments}; "
+                              f"references {', '.join(seg_info['references']) or 'nothing'}",
+                              highlight=False, soft_wrap=True)
+            if dicom["skipped"]:
+                console.print("skipped: " + ", ".join(f"{n} {what}" for what, n in dicom["skipped"].items()),
+                              highlight=False)
+        if case["label_counts"] is not None:
+            c = case["label_counts"]
+            console.print(f"labels (voxels): background {c['background']:,}, liver {c['liver']:,}, "
+                          f"tumour {c['tumor']:,}", highlight=False)
+        elif case["error"] is None:
+            console.print("labels: none", highlight=False)
+        for w in case["warnings"]:
+            console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        if case["error"] is not None:
+            console.print(f"[red]error:[/] {case['error']}", highlight=False, soft_wrap=True)
 
 
 # [cli:data]
@@ -375,6 +480,9 @@ def evaluate_command(
         Optional[Path],
         typer.Option("--liver-checkpoint", help="Liver-stage checkpoint: --volumes runs the cascade, scores both."),
     ] = None,
+    series: SeriesOption = None,
+    seg: SegOption = None,
+    seg_labels: SegLabelsOption = None,
 ) -> None:
     """Score a checkpoint on a prepared split (the paper's Table 1 metrics); --volumes adds 3D metrics in mm."""
     import json
@@ -404,6 +512,7 @@ def evaluate_command(
         vol = evaluate_volumes(
             checkpoint, volumes, batch=batch, threshold=threshold, device=device, out=vol_out,
             progress=not json_output, liver_checkpoint=liver_checkpoint,
+            dicom=_dicom_options(series, seg, seg_labels),
         )
         payload["volumes"] = vol.to_json()
     if json_output:
@@ -535,7 +644,10 @@ def compare_command(
 @app.command("predict")
 @user_errors
 def predict_command(
-    input_path: Annotated[Path, typer.Argument(help="CT case: NIfTI, LiTS, MSD, DICOM folder, 3D-IRCADb, MRC.")],
+    input_path: Annotated[
+        Path,
+        typer.Argument(help="CT case (NIfTI, LiTS, MSD, DICOM study, 3D-IRCADb, MRC) or a folder of cases (batch)."),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new or empty unless --overwrite).")],
     checkpoint: Annotated[
         Optional[Path], typer.Option("--checkpoint", help="Checkpoint from `hepaseg train` (torch engine).")
@@ -554,8 +666,17 @@ def predict_command(
     model: Annotated[Optional[Path], typer.Option("--model", help="ONNX file from `hepaseg export`.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an --out folder that holds files.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    output_format: Annotated[
+        str, typer.Option("--format", help="nifti | dicom-seg | both (DICOM-SEG: DICOM inputs only).")
+    ] = "nifti",
+    series: SeriesOption = None,
+    seg: SegOption = None,
+    seg_labels: SegLabelsOption = None,
 ) -> None:
-    """Predict liver tumours in one CT case: mask NIfTI, lesion table, overlay PNG (+ metrics if labelled)."""
+    """Predict liver tumours in one CT case: mask NIfTI, lesion table, overlay PNG (+ metrics if labelled).
+
+    A folder of many cases runs them all with the model loaded once: OUT/CASE_ID/... and OUT/summary.csv;
+    rerunning the command resumes (finished cases are skipped unless --overwrite)."""
     from rich.table import Table
 
     from hepaseg.inference import predict_case  # imports torch: keep `hepaseg --help` fast
@@ -566,19 +687,36 @@ def predict_command(
         raise HepasegError("--model: --engine onnx needs the ONNX file from `hepaseg export`, got none")
     if engine == "torch" and checkpoint is None:
         raise HepasegError("--checkpoint: --engine torch needs a checkpoint from `hepaseg train`, got none")
-    result = predict_case(
-        input_path,
-        out,
-        checkpoint=checkpoint,
-        onnx_model=model if engine == "onnx" else None,
-        liver_checkpoint=liver_checkpoint,
-        batch=batch,
-        tta=tta,
-        threshold=threshold,
-        labels=labels,
-        overwrite=overwrite,
-        progress=progress,
-    )
+    dicom = _dicom_options(series, seg, seg_labels)
+    from hepaseg.io import find_cases
+
+    if len(find_cases([input_path])) > 1:
+        _predict_batch(input_path, out, checkpoint=checkpoint, onnx_model=model if engine == "onnx" else None,
+                       liver_checkpoint=liver_checkpoint, batch=batch, tta=tta, threshold=threshold, labels=labels,
+                       output_format=output_format, dicom=dicom, overwrite=overwrite, progress=progress)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HepasegWarning)  # they come back in result.warnings, printed below
+        result = predict_case(
+            input_path,
+            out,
+            checkpoint=checkpoint,
+            onnx_model=model if engine == "onnx" else None,
+            liver_checkpoint=liver_checkpoint,
+            batch=batch,
+            tta=tta,
+            threshold=threshold,
+            labels=labels,
+            overwrite=overwrite,
+            progress=progress,
+            output_format=output_format,
+            dicom=dicom,
+        )
+    if result.settings.get("series"):
+        s = result.settings["series"]
+        console.print(f"series #{s.get('number') if s.get('number') is not None else '-'} "
+                      f"{s.get('description') or 'no description'!r} ({s['uid']}): {s.get('choice')}",
+                      highlight=False, soft_wrap=True)
     table = Table(title=f"{result.case_id}: {len(result.lesions)} lesion(s) ({result.model_name}, {result.engine})")
     for col in ("id", "volume (mL)", "max axial diameter (mm)", "centroid z,y,x (mm)", "slices"):
         table.add_column(col, justify="right")
@@ -611,6 +749,32 @@ def predict_command(
         console.print(f"  {key:<12} {path}", highlight=False, soft_wrap=True)
     t = result.timings
     console.print(f"read {t['read']:.1f} s, inference {t['inference']:.1f} s, write {t['write']:.1f} s")
+
+
+def _predict_batch(input_path: Path, out: Path, **kwargs) -> None:
+    """`hepaseg predict FOLDER`: every case, the model loaded once; a table of the summary."""
+    from rich.table import Table
+
+    from hepaseg.inference import predict_batch
+
+    result = predict_batch(input_path, out, console=err_console, **kwargs)
+    table = Table(title=f"{len(result.rows)} case(s): {len(result.predicted)} predicted, {len(result.skipped)} done "
+                        f"earlier, {len(result.failed)} failed")
+    for col in ("case", "status", "tumour mL", "lesions", "largest mm", "dice", "s"):
+        table.add_column(col, justify="left" if col in ("case", "status") else "right")
+    for row in result.rows:
+        dice = row["dice"]
+        table.add_row(row["case"], row["status"], str(row["tumor_volume_ml"]), str(row["lesion_count"]),
+                      str(row["largest_diameter_mm"]), "" if dice == "" else f"{float(dice):.3f}", str(row["seconds"]))
+    console.print(table)
+    for row in result.rows:
+        if row["status"] == "error":
+            console.print(f"[red]failed:[/] {row['case']}: {row['error']}", highlight=False, soft_wrap=True)
+    rate = "-" if result.cases_per_minute is None else f"{result.cases_per_minute:.1f}"
+    console.print(f"model loaded once in {result.load_seconds:.1f} s; {rate} cases/min; summary: {result.summary_csv}",
+                  highlight=False, soft_wrap=True)
+    if result.failed:
+        raise typer.Exit(1)
 
 
 @app.command("export")
@@ -655,6 +819,9 @@ def explain_command(
             help="Query pixel Y,X in original slice pixels (repeatable); default: one tumour and one background pixel.",
         ),
     ] = None,
+    series: SeriesOption = None,
+    seg: SegOption = None,
+    seg_labels: SegLabelsOption = None,
 ) -> None:
     """Draw the paper's Fig. 1 for one slice: input, truth, prediction, context features and attention."""
     from rich.table import Table
@@ -662,7 +829,8 @@ def explain_command(
     from hepaseg.viz import explain_slice  # imports torch + matplotlib: keep `hepaseg --help` fast
 
     queries = None if not query else [_parse_query(q) for q in query]
-    result = explain_slice(checkpoint, input_path, slice_index, out, queries=queries)
+    result = explain_slice(checkpoint, input_path, slice_index, out, queries=queries,
+                           dicom=_dicom_options(series, seg, seg_labels))
     table = Table(title=f"{result.model_name}: {result.case_id}, slice {result.slice_index}")
     for col in ("query", "original y,x", "input y,x", "chosen by"):
         table.add_column(col)
@@ -768,6 +936,8 @@ def crossval_command(
         Optional[list[str]],
         typer.Option("--prepare-option", help="Further prepare argument KEY=VALUE, e.g. slices=\"liver\"."),
     ] = None,
+    series: SeriesOption = None,
+    seg_labels: SegLabelsOption = None,
 ) -> None:
     """Leave-one-patient-out training and whole-volume scoring: Dice, lesion detection by size, FP rates."""
     from rich.table import Table
@@ -796,6 +966,7 @@ def crossval_command(
         threshold=threshold,
         val_fraction=val_fraction,
         log=lambda line: console.print(line, highlight=False),
+        dicom=_dicom_options(series, None, seg_labels),
     )
     table = Table(title=f"crossval: {len(result.folds)} folds x {len(result.seeds)} seeds (means)")
     for col in ("model", "dice (%)", "dice global (%)", "recall IoU>0.5 (%)", "recall any (%)", "FP lesions",

@@ -127,7 +127,7 @@ from rich.table import Table
 from hepaseg import __version__
 from hepaseg.data.roi import ROI_MODES, crop_slices, liver_crop_box
 from hepaseg.errors import HepasegError
-from hepaseg.io import CANONICAL_DESCRIPTION, find_cases, read_volume
+from hepaseg.io import CANONICAL_DESCRIPTION, DicomOptions, find_cases, read_volume
 from hepaseg.io.atomic import atomic_dir, write_json_atomic
 from hepaseg.io.outputs import check_output_dir, write_output_marker
 from hepaseg.io.volume import LABEL_TUMOR, Volume
@@ -504,6 +504,7 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
     console: Console | None = None,
+    dicom: DicomOptions | None = None,
 ) -> dict[str, Any]:
     """Prepare a slice dataset from CT volumes; see the module docstring for the format.
 
@@ -529,6 +530,8 @@ def prepare(
         overwrite: replace a previous prepare output at ``out``.
         progress: show a progress bar over volumes.
         console: where the progress bar and summary table go (default: stdout).
+        dicom: series choice and SEG labels of DICOM study cases (``--series``, ``--seg`` for a
+            single case, ``--seg-labels``); each study's SEG objects are found in its folder.
 
     Returns:
         The manifest (also written to ``out/manifest.json``).
@@ -577,6 +580,11 @@ def prepare(
         raise HepasegError(
             f"{names}: no CT cases found: expected LiTS, MSD, 3D-IRCADb, NIfTI, DICOM or MRC files. Check the path."
         )
+    if dicom is not None and dicom.seg and len(case_paths) != 1:
+        raise HepasegError(
+            f"--seg: names the SEG files of one case: expected a single case, got {len(case_paths)}. Put each "
+            "case's SEG in its study folder (it is found there)."
+        )
     if z_opts is not None and len(case_paths) != 1:
         raise HepasegError(
             f"--z-split: expected a single-volume source (it splits one patient along z), got {len(case_paths)} cases."
@@ -595,7 +603,12 @@ def prepare(
             task = bar.add_task("preparing", total=len(case_paths))
             for path in case_paths:
                 bar.update(task, description=f"preparing {Path(path).name}")
-                vol = read_volume(path)  # labels too when the layout has them, even for --slices all
+                vol = read_volume(path, dicom=dicom)  # labels too when the layout has them, even for --slices all
+                if "series_choice" in vol.meta:  # a DICOM study: say which series was used, and why
+                    series = vol.meta["series"]
+                    number = "-" if series.get("number") is None else series["number"]
+                    console.print(f"{vol.case_id}: series #{number} {series.get('description') or 'no description'!r}"
+                                  f" ({series['uid']}): {vol.meta['series_choice']}", highlight=False, soft_wrap=True)
                 where = f"{path}"
                 if vol.case_id in seen:
                     raise HepasegError(

@@ -86,6 +86,7 @@ from hepaseg.evaluation.metrics import volume_metrics
 from hepaseg.io import find_cases
 from hepaseg.io.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from hepaseg.io.outputs import check_output_dir, write_output_marker
+from hepaseg.io.readers import DicomOptions
 from hepaseg.io.volume import LABEL_TUMOR
 
 __all__ = [
@@ -105,7 +106,7 @@ _OWN_FIELDS = ("data", "model", "out", "seed", "width", "max_epochs", "max_minut
 # prepare() arguments crossval sets itself; the rest (window, slices, context_slices, roi_margin_mm...)
 # may come in prepare_options.
 _OWN_PREPARE = ("sources", "out", "size", "split", "seed", "split_file", "z_split", "target", "roi", "overwrite",
-                "progress", "console")
+                "progress", "console", "dicom")
 # Options of the tumour stage that the liver stage shares: throughput and hardware, not the recipe.
 _LIVER_SHARED = ("batch_size", "precision", "channels_last", "accelerator", "devices", "num_nodes", "strategy",
                  "num_workers", "deterministic")
@@ -365,7 +366,9 @@ def _command(sources, out, names, seeds, cascade, liver_model, liver_size, size,
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _prepare_pool(sources, dest: Path, options: dict[str, Any], say) -> dict[str, Any]:
+def _prepare_pool(
+    sources, dest: Path, options: dict[str, Any], say, dicom: DicomOptions | None = None
+) -> dict[str, Any]:
     from rich.console import Console
 
     from hepaseg.data import is_prepared_dir, prepare, read_manifest
@@ -373,7 +376,8 @@ def _prepare_pool(sources, dest: Path, options: dict[str, Any], say) -> dict[str
     if is_prepared_dir(dest):
         return read_manifest(dest)
     say(f"preparing {dest.name} data of every patient -> {dest}")
-    return prepare(sources, dest, split=(1.0, 0.0, 0.0), progress=False, console=Console(quiet=True), **options)
+    return prepare(sources, dest, split=(1.0, 0.0, 0.0), progress=False, console=Console(quiet=True), dicom=dicom,
+                   **options)
 
 
 def _train_state(run: Path, marker: str) -> str:
@@ -421,6 +425,7 @@ def crossval(
     val_fraction: float = 0.15,
     device: str | None = None,
     log: Callable[[str], None] | None = None,
+    dicom: DicomOptions | None = None,
 ) -> CrossvalResult:
     """Leave-one-patient-out training and whole-volume scoring of ``models`` x ``seeds`` (module docstring).
 
@@ -448,6 +453,8 @@ def crossval(
         val_fraction: share of each training patient's kept slices monitored as validation (default 0.15).
         device: prediction device (default CUDA when available, else CPU); fp32.
         log: called with one line per step (e.g. ``console.print``); default silent.
+        dicom: series choice and SEG segment names for DICOM study cases (``--series``,
+            ``--seg-labels``); their SEG objects are found in each study folder.
 
     Returns:
         A :class:`CrossvalResult`; the same numbers are in ``OUT/crossval.csv``, ``lesions.csv``
@@ -504,6 +511,7 @@ def crossval(
         "threshold": float(threshold), "val_fraction": float(val_fraction), "prepare": tumor_prepare,
         "liver_prepare": liver_prepare if cascade else None, "train": shared,
         "liver_train": liver_shared if cascade else None, "evaluated_checkpoint": "last.ckpt",
+        **({} if dicom is None else {"dicom": {"series": dicom.series, "seg_labels": dicom.seg_labels}}),
     })
     for src in sources:
         if not src.exists():
@@ -517,7 +525,7 @@ def crossval(
         write_output_marker(out, "crossval")
     _check_protocol(out, protocol)
 
-    pool = _prepare_pool(sources, out / "prepared" / "tumor", tumor_prepare, say)
+    pool = _prepare_pool(sources, out / "prepared" / "tumor", tumor_prepare, say, dicom)
     folds = sorted(c["id"] for c in pool["cases"])
     if len(folds) < 2:
         raise HepasegError(f"{', '.join(map(str, sources))}: {len(folds)} patient found: expected at least two "
@@ -527,7 +535,7 @@ def crossval(
         raise HepasegError(f"{', '.join(unlabelled)}: no label map: expected every crossval patient to be labelled "
                            "(it is scored when held out). Remove unlabelled sources")
     if cascade:
-        liver_pool = _prepare_pool(sources, out / "prepared" / "liver", liver_prepare, say)
+        liver_pool = _prepare_pool(sources, out / "prepared" / "liver", liver_prepare, say, dicom)
         liver_ids = sorted(c["id"] for c in liver_pool["cases"])
         if liver_ids != folds:  # pragma: no cover - the same sources give the same cases
             raise HepasegError(f"{out / 'prepared'}: liver and tumour data hold different patients ({liver_ids} vs "
@@ -561,7 +569,7 @@ def crossval(
                                         run, state)
                     trained.append((name, fold, seed))
                     if volume is None:
-                        volume = _read_held_out(source_of[fold], fold)
+                        volume = _read_held_out(source_of[fold], fold, dicom)
                     say(f"{where}: predicting the held-out volume with last.ckpt")
                     t0 = time.perf_counter()
                     loaded = load_checkpoint(result.last_checkpoint)
@@ -635,10 +643,10 @@ def _liver_stage(out, fold, fold_dir, run, liver_model, seed, width, max_epochs,
     write_json_atomic(run / _STAGE_MARKER, json_safe({"train": result.to_dict()}))
 
 
-def _read_held_out(source: str, fold: str):
+def _read_held_out(source: str, fold: str, dicom: DicomOptions | None = None):
     from hepaseg.io import read_volume
 
-    volume = read_volume(source, with_label=True)
+    volume = read_volume(source, with_label=True, dicom=dicom)
     if volume.label is None:
         raise HepasegError(f"{source}: held-out patient {fold!r} has no label map: expected a labelled case")
     return volume

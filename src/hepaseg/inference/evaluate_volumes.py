@@ -37,7 +37,7 @@ from hepaseg.evaluation.evaluate import check_threshold, json_safe
 from hepaseg.evaluation.metrics import global_dice, volume_metrics
 from hepaseg.inference.cascade import check_cascade, predict_cascade, require_liver_stage
 from hepaseg.inference.predictor import predict_volume
-from hepaseg.io import check_output_dir, find_cases, read_volume, write_output_marker
+from hepaseg.io import DicomOptions, check_output_dir, find_cases, read_volume, write_output_marker
 from hepaseg.io.atomic import atomic_path, write_json_atomic
 from hepaseg.io.volume import LABEL_TUMOR
 
@@ -105,6 +105,7 @@ def evaluate_volumes(
     out: str | os.PathLike | None = None,
     progress: bool = False,
     liver_checkpoint: str | os.PathLike | None = None,
+    dicom: DicomOptions | None = None,
 ) -> VolumeEvaluationResult:
     """Predict each labelled case of ``sources`` and score it in 3D (distances in mm).
 
@@ -122,6 +123,8 @@ def evaluate_volumes(
         progress: show a progress bar per case (stderr).
         liver_checkpoint: a liver-stage checkpoint: predict with the cascade and score both stages
             (required for a tumour checkpoint trained with ``roi == "liver"``).
+        dicom: series choice and SEG labels of DICOM study cases (``--series``, ``--seg`` for a
+            single case, ``--seg-labels``).
 
     Returns:
         A :class:`VolumeEvaluationResult`; rows hold :func:`volume_metrics` of each case
@@ -150,10 +153,15 @@ def evaluate_volumes(
         check_cascade(liver.data_options, loaded.data_options, liver_source=f"--liver-checkpoint {liver_checkpoint}",
                       tumor_source=f"--checkpoint {checkpoint}")
     cases = find_cases(list(sources))
+    if dicom is not None and dicom.seg and len(cases) != 1:
+        raise HepasegError(
+            f"--seg: names the SEG files of one case: expected a single case, got {len(cases)}. Put each case's SEG "
+            "in its study folder (it is found there)"
+        )
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     for path in cases:
-        volume = read_volume(path, with_label=True)
+        volume = read_volume(path, with_label=True, dicom=dicom)
         if volume.label is None:
             skipped.append(volume.case_id)
             continue

@@ -21,6 +21,13 @@ With ``liver_checkpoint`` (``--liver-checkpoint``) the liver-first cascade of
 sections, the flat keys staying the tumour's; ``lesions.json`` carries a ``warnings`` list
 (e.g. no liver found: the tumour mask is empty), which the CLI prints.
 
+``output_format`` (``--format``) ``"dicom-seg"`` writes, instead of the NIfTI masks, and
+``"both"`` in addition to them (DICOM inputs only)::
+
+    OUT_DIR/segmentation.dcm    a BINARY DICOM-SEG referencing the source series: a tumour
+                                segment (and a liver segment after a cascade), see
+                                hepaseg.io.dicom_seg.write_seg
+
 Every file is written into a temporary folder beside ``OUT_DIR`` that is renamed
 into place at the end, so ``OUT_DIR`` is either complete or untouched; it carries the
 marker ``OUT_DIR/.hepaseg-output.json``, and ``overwrite`` replaces only a folder with
@@ -29,8 +36,10 @@ that marker (never one that holds, or lies inside, an input).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+import warnings as pywarnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +59,7 @@ from hepaseg.io import (
     CANONICAL_DESCRIPTION,
     LABEL_LIVER,
     LABEL_TUMOR,
+    DicomOptions,
     atomic_dir,
     check_output_dir,
     check_output_file,
@@ -60,10 +70,22 @@ from hepaseg.io import (
     write_text_atomic,
 )
 
-__all__ = ["LABEL_MODES", "OUTPUT_FILES", "PredictResult", "check_ct_image", "export_checkpoint", "predict_case"]
+__all__ = [
+    "LABEL_MODES",
+    "OUTPUT_FILES",
+    "OUTPUT_FORMATS",
+    "LoadedModels",
+    "PredictResult",
+    "check_ct_image",
+    "export_checkpoint",
+    "load_models",
+    "predict_case",
+]
 
 OUTPUT_FILES = ("tumor_mask.nii.gz", "lesions.csv", "lesions.json", "overlay.png", "metrics.json")
 LABEL_MODES = ("tumor", "lits")
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
+SEG_FILE = "segmentation.dcm"
 #: A CT scan in HU has air (about -1000 HU) around or inside the body; below this, it is there.
 AIR_BELOW_HU = -500.0
 
@@ -146,6 +168,73 @@ def _load_engine(checkpoint, onnx_model) -> tuple[Any, dict, str, str, dict]:
     return loaded.model, dict(loaded.data_options), "torch", loaded.model_name, dict(loaded.model_options)
 
 
+@dataclass
+class LoadedModels:
+    """The networks of one prediction setup, loaded once (a batch reuses them for every case).
+
+    Attributes:
+        model, data_options, engine, model_name, model_options: the tumour stage.
+        liver: the liver stage's ``load_checkpoint`` result (cascade), or None.
+        tumor_source: ``"--checkpoint PATH"`` / ``"--model PATH"`` for messages.
+        sha256: SHA-256 of the tumour checkpoint (or ONNX) file and, with a cascade, ``liver_sha256``
+            (written into a DICOM-SEG's algorithm identification and into ``batch.json``).
+        seconds: time spent loading.
+    """
+
+    model: Any
+    data_options: dict
+    engine: str
+    model_name: str
+    model_options: dict
+    liver: Any = None
+    liver_checkpoint: str | None = None
+    tumor_source: str = ""
+    sha256: str = ""
+    liver_sha256: str | None = None
+    seconds: float = 0.0
+
+
+def load_models(
+    checkpoint: str | os.PathLike | None = None,
+    onnx_model: str | os.PathLike | None = None,
+    liver_checkpoint: str | os.PathLike | None = None,
+) -> LoadedModels:
+    """Load the tumour model (checkpoint or ONNX) and, for a cascade, the liver stage; check they fit.
+
+    Raises:
+        HepasegError: a missing/corrupt file, a liver-cropped tumour checkpoint without a liver
+            stage, or two checkpoints that do not form a cascade.
+    """
+    t0 = time.perf_counter()
+    model, data_options, engine, model_name, model_options = _load_engine(checkpoint, onnx_model)
+    tumor_source = "--model" if onnx_model is not None else "--checkpoint"
+    tumor_source = f"{tumor_source} {onnx_model if onnx_model is not None else checkpoint}"
+    liver_loaded = None
+    if liver_checkpoint is None:
+        require_liver_stage(data_options, source=tumor_source)
+    else:
+        from hepaseg.training import load_checkpoint
+
+        liver_loaded = load_checkpoint(liver_checkpoint)
+        check_cascade(liver_loaded.data_options, data_options,
+                      liver_source=f"--liver-checkpoint {liver_checkpoint}", tumor_source=tumor_source)
+    return LoadedModels(
+        model=model, data_options=data_options, engine=engine, model_name=model_name, model_options=model_options,
+        liver=liver_loaded, liver_checkpoint=None if liver_checkpoint is None else str(liver_checkpoint),
+        tumor_source=tumor_source, sha256=_sha256(onnx_model if onnx_model is not None else checkpoint),
+        liver_sha256=None if liver_checkpoint is None else _sha256(liver_checkpoint),
+        seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def predict_case(
     input_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -161,6 +250,9 @@ def predict_case(
     progress: bool = True,
     device: str | None = None,
     precision: str = "auto",
+    output_format: str = "nifti",
+    dicom: DicomOptions | None = None,
+    models: LoadedModels | None = None,
 ) -> PredictResult:
     """Predict the liver tumours of one CT case and write the results folder (see module docstring).
 
@@ -185,6 +277,10 @@ def predict_case(
         progress: show a progress bar over slices.
         device: torch device (default CUDA when available); ignored by the onnx engine.
         precision: torch autocast precision (see :func:`predict_volume`; default ``"auto"``).
+        output_format: ``"nifti"`` (default), ``"dicom-seg"`` or ``"both"``; a SEG needs a DICOM input.
+        dicom: series choice and SEG labels of a DICOM input (``--series``, ``--seg``, ``--seg-labels``).
+        models: networks already loaded by :func:`load_models` (batch prediction); then
+            ``checkpoint``/``onnx_model``/``liver_checkpoint`` are not read again.
 
     Returns:
         :class:`PredictResult`.
@@ -200,6 +296,8 @@ def predict_case(
     threshold = check_threshold(threshold)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise HepasegError(f"--batch: expected a positive integer, got {batch!r}")
+    if output_format not in OUTPUT_FORMATS:
+        raise HepasegError(f"--format: expected one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     input_path, out_dir = Path(input_path), Path(out_dir)
     inputs = [input_path, checkpoint, onnx_model, liver_checkpoint]
     # Before the slow parts: only an earlier predict output is replaced (with --overwrite), and
@@ -207,24 +305,18 @@ def predict_case(
     check_output_dir(out_dir, command="predict", inputs=inputs, overwrite=overwrite)
     timings: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    model, data_options, engine, model_name, model_options = _load_engine(checkpoint, onnx_model)
-    tumor_source = "--model" if onnx_model is not None else "--checkpoint"
-    tumor_source = f"{tumor_source} {onnx_model if onnx_model is not None else checkpoint}"
-    liver_loaded = None
-    if liver_checkpoint is None:
-        require_liver_stage(data_options, source=tumor_source)
-    else:
-        from hepaseg.training import load_checkpoint
-
-        liver_loaded = load_checkpoint(liver_checkpoint)
-        check_cascade(liver_loaded.data_options, data_options,
-                      liver_source=f"--liver-checkpoint {liver_checkpoint}", tumor_source=tumor_source)
-    timings["load_model"] = time.perf_counter() - t0
+    if models is None:
+        models = load_models(checkpoint, onnx_model, liver_checkpoint)
+        timings["load_model"] = models.seconds
+    model, data_options, engine = models.model, models.data_options, models.engine
+    model_name, model_options, liver_loaded = models.model_name, models.model_options, models.liver
+    liver_checkpoint = models.liver_checkpoint
 
     t0 = time.perf_counter()
-    volume, label_note = _read_case(input_path)
+    volume, label_note = _read_case(input_path, dicom)
     source = str(input_path)
+    if output_format != "nifti":
+        _check_seg_output(volume, source)
     check_ct_image(volume.image, source)
     check_volume_for_model(volume.image, data_options, model=model, source=source)
     liver = None
@@ -254,7 +346,8 @@ def predict_case(
             liver = cascade.liver > 0  # predicted liver; tumour lies within 5 mm of it
         timings.update({f"inference_{k}": v for k, v in cascade.timings.items()})
     timings["inference"] = time.perf_counter() - t0
-    warnings = list(cascade.warnings) if cascade is not None else []
+    warnings = list(volume.meta.get("warnings", []))  # odd DICOM images left out of the series
+    warnings += list(cascade.warnings) if cascade is not None else []
     geometry = volume.source_geometry
     if data_options.get("orientation") is None and geometry is not None and not geometry.is_identity:
         warnings.append(
@@ -290,8 +383,11 @@ def predict_case(
         "connectivity": 26,
         "hepaseg_version": __version__,
         "label_note": label_note,
+        "output_format": output_format,
         "orientation": {"canonical": CANONICAL_DESCRIPTION, **(geometry.as_dict() if geometry is not None else {})},
     }
+    if "series" in volume.meta:  # DICOM: which series was used, and why
+        settings["series"] = {**volume.meta["series"], "choice": volume.meta.get("series_choice")}
     if cascade is not None:
         settings["cascade"] = {
             "liver_checkpoint": str(liver_checkpoint),
@@ -311,11 +407,20 @@ def predict_case(
         names["metrics"] = "metrics.json"
     if cascade is not None:
         names["liver_mask"] = "liver_mask.nii.gz"
+    if output_format == "dicom-seg":
+        names.pop("mask")
+        names.pop("liver_mask", None)
+    if output_format != "nifti":
+        names["seg"] = SEG_FILE
     with atomic_dir(out_dir) as tmp:  # removed on any error or SIGTERM; the user's permissions, not 0700
         write_output_marker(tmp, "predict")
-        write_label_nifti(mask, volume, tmp / names["mask"])
-        if cascade is not None:
+        if "mask" in names:
+            write_label_nifti(mask, volume, tmp / names["mask"])
+        if "liver_mask" in names:
             write_label_nifti(cascade.liver, volume, tmp / names["liver_mask"])
+        if "seg" in names:
+            _write_seg(tmp / names["seg"], volume, tumor, None if cascade is None else cascade.liver, models,
+                       threshold)
         write_text_atomic(tmp / names["lesions_csv"], lesions_to_csv(rows))
         write_json_atomic(
             tmp / names["lesions_json"],
@@ -346,17 +451,63 @@ def predict_case(
     )
 
 
-def _read_case(path: Path) -> tuple[Any, str | None]:
+def _read_case(path: Path, dicom: DicomOptions | None = None) -> tuple[Any, str | None]:
     """Read a case with its label when it has one; without it when the label cannot be read.
 
     Prediction does not need labels (a LiTS test volume has none), so a missing or unreadable
-    label only drops ``metrics.json``; the returned note says why.
+    label only drops ``metrics.json``; the returned note says why. A SEG given with ``--seg``
+    is different: the user asked for it, so its errors stop the prediction.
     """
     try:
-        return read_volume(path, with_label=True), None
+        return read_volume(path, with_label=True, dicom=dicom), None
     except HepasegError as with_label_error:
-        volume = read_volume(path, with_label=False)  # an image problem raises its own error here
+        if dicom is not None and dicom.seg:
+            raise
+        with pywarnings.catch_warnings():
+            pywarnings.simplefilter("ignore")  # the first read already warned about dropped images
+            volume = read_volume(path, with_label=False, dicom=dicom)  # an image problem raises its own error
         return volume, f"labels not read: {with_label_error}"
+
+
+def _check_seg_output(volume, source: str) -> None:
+    """Refuse ``--format dicom-seg|both`` before inference when the input cannot carry a SEG."""
+    files = volume.meta.get("dicom_files")
+    if not files or not volume.meta.get("sop_instance_uids"):
+        raise HepasegError(
+            f"--format: DICOM-SEG output needs a DICOM input: expected a DICOM series, got a {volume.kind} case "
+            f"({source}). Use --format nifti"
+        )
+    if any("::" in str(f) for f in files):
+        raise HepasegError(
+            f"--format: {source}: DICOM-SEG output needs the source slices as files: expected an unpacked "
+            "series, got a zip archive. Unpack it and predict on the folder, or use --format nifti"
+        )
+    import pydicom
+
+    from hepaseg.io.dicom_seg import check_seg_source
+
+    check_seg_source(pydicom.dcmread(files[0], stop_before_pixels=True), files[0])
+
+
+def _write_seg(path: Path, volume, tumor: np.ndarray, liver: np.ndarray | None, models: LoadedModels,
+               threshold: float) -> None:
+    """The tumour (and cascade liver) masks, canonical ``(z, y, x)``, as a SEG on the source series."""
+    from hepaseg.io.dicom_seg import write_seg
+
+    def to_source(mask: np.ndarray) -> np.ndarray:
+        # Volumes in canonical orientation map back to the series' stacked slice order.
+        return volume.to_source(mask) if hasattr(volume, "to_source") else mask
+
+    segments = [("tumor", to_source(tumor))]
+    if liver is not None:
+        segments.append(("liver", to_source(liver)))
+    algorithm = {"version": __version__, "name": models.model_name, "checkpoint_sha256": models.sha256,
+                 "threshold": f"{float(threshold):g}"}
+    if models.liver is not None:
+        algorithm.update({"liver_model": models.liver.model_name, "liver_checkpoint_sha256": models.liver_sha256})
+    write_seg(path, segments, source_files=volume.meta["dicom_files"],
+              sop_instance_uids=volume.meta["sop_instance_uids"], algorithm=algorithm,
+              series_description=f"hepaseg {models.model_name}{' cascade' if liver is not None else ''}")
 
 
 def export_checkpoint(
