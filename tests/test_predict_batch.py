@@ -117,7 +117,7 @@ def test_batch_refuses_other_settings_and_foreign_folders(tmp_path, counted_chec
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(HepasegError, match=r"foreign: --out holds files that are not a hepaseg batch output"):
+    with pytest.raises(HepasegError, match=r"foreign: --out holds files hepaseg did not write"):
         predict_batch(cases, foreign, checkpoint=ckpt, progress=False, overwrite=True)
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     with pytest.raises(HepasegError, match=r"--seg: names the SEG files of one case"):

@@ -32,7 +32,15 @@ from typing import Any
 from hepaseg import __version__
 from hepaseg.errors import HepasegError
 from hepaseg.inference.pipeline import OUTPUT_FORMATS, PredictResult, load_models, predict_case
-from hepaseg.io import DicomOptions, case_id_of, find_cases, write_json_atomic, write_text_atomic
+from hepaseg.io import (
+    DicomOptions,
+    case_id_of,
+    check_output_dir,
+    find_cases,
+    write_json_atomic,
+    write_output_marker,
+    write_text_atomic,
+)
 
 __all__ = ["BATCH_MARKER", "SUMMARY_COLUMNS", "BatchResult", "predict_batch"]
 
@@ -131,7 +139,9 @@ def predict_batch(
     paths = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     cases = find_cases(paths)
     out_dir = Path(out_dir)
-    _check_batch_out(out_dir)
+    # A batch folder is resumable (reuse), never one of the inputs, and only ever a batch output.
+    check_output_dir(out_dir, command="predict-batch", inputs=[*paths, checkpoint, onnx_model, liver_checkpoint],
+                     reuse=True)
     models = load_models(checkpoint, onnx_model, liver_checkpoint)
     settings = {
         "format": "hepaseg-batch/1",
@@ -159,6 +169,7 @@ def predict_batch(
                 "written"
             )
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_output_marker(out_dir, "predict-batch")
     write_json_atomic(marker, settings)
 
     names = _case_names(cases)
@@ -201,21 +212,6 @@ def predict_batch(
         result.cases_per_minute = 60.0 * len(result.predicted) / run_seconds
     result.seconds = time.perf_counter() - t_start
     return result
-
-
-def _check_batch_out(out_dir: Path) -> None:
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise HepasegError(f"{out_dir}: --out exists and is a file: expected a new or empty directory. "
-                           "Choose another --out")
-    if any(out_dir.iterdir()) and not (out_dir / BATCH_MARKER).is_file():
-        shown = ", ".join(sorted(p.name for p in out_dir.iterdir())[:3])
-        raise HepasegError(
-            f"{out_dir}: --out holds files that are not a hepaseg batch output ({shown}; no {BATCH_MARKER}): "
-            "expected a new or empty directory, or an earlier batch to resume. Choose another --out; nothing was "
-            "written"
-        )
 
 
 def _case_names(cases: list[Path]) -> list[str]:
