@@ -206,6 +206,14 @@ def models_command(
 
 
 # --- training commands (train) --------------------------------------------------------------
+def _families(values: list[str] | None) -> list[str]:
+    """``--synthetic-family`` values (repeated and/or comma-separated; ``all``) as a list; default hypo."""
+    from hepaseg.data.synthetic import FAMILIES
+
+    names = [v.strip().lower() for value in values or ["hypo"] for v in value.split(",") if v.strip()]
+    return list(FAMILIES) if "all" in names else names
+
+
 @app.command("train")
 @user_errors
 def train_command(
@@ -236,6 +244,14 @@ def train_command(
     ] = None,
     synthetic_tumors: Annotated[
         float, typer.Option(help="Probability per slice of painting synthetic tumours (Hu et al. 2023).")
+    ] = 0.0,
+    synthetic_family: Annotated[
+        Optional[list[str]],
+        typer.Option("--synthetic-family", help="Synthetic lesion family, repeatable or comma-separated: "
+                     "hypo|iso|hyper|rim|deposit|all (default hypo)."),
+    ] = None,
+    liver_enhancement: Annotated[
+        float, typer.Option(help="Probability per slice of shifting the liver's HU by -60..+20 (phase).")
     ] = 0.0,
     crop: Annotated[Optional[int], typer.Option(help="Training crop size in pixels (default: whole slices).")] = None,
     tumor_crop_fraction: Annotated[
@@ -280,6 +296,8 @@ def train_command(
             augment=False if no_augment else augment,
             aug_off=list(no_aug or []),
             synthetic_tumors=synthetic_tumors,
+            synthetic_families=_families(synthetic_family),
+            liver_enhancement=liver_enhancement,
             crop=crop,
             tumor_crop_fraction=tumor_crop_fraction,
             early_stopping_patience=early_stopping_patience,
