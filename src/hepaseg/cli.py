@@ -43,6 +43,26 @@ def user_errors(fn):
     return wrapper
 
 
+def _command_line(ctx: typer.Context) -> str:
+    """The running command as a shell line, rebuilt from its parsed options (so it is exact
+    whatever called it: a shell, ``python -m``, a test runner)."""
+    import shlex
+
+    parts = ["hepaseg", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or param.name == "version":
+            continue
+        if param.param_type_name == "argument":
+            parts.append(str(value))
+        elif isinstance(value, bool):
+            parts.append(param.opts[0] if value else (param.secondary_opts or param.opts)[0])
+        else:
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                parts += [param.opts[0], str(item)]
+    return shlex.join(parts)
+
+
 def _print_trained_and_written(result) -> None:
     """The closing lines of `compare` and `crossval`: runs trained and files written."""
     console.print(
@@ -520,6 +540,7 @@ def compare_command(
 @app.command("predict")
 @user_errors
 def predict_command(
+    ctx: typer.Context,
     input_path: Annotated[Path, typer.Argument(help="CT case: NIfTI, LiTS, MSD, DICOM folder, 3D-IRCADb, MRC.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new or empty unless --overwrite).")],
     checkpoint: Annotated[
@@ -539,6 +560,9 @@ def predict_command(
     model: Annotated[Optional[Path], typer.Option("--model", help="ONNX file from `hepaseg export`.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an --out folder that holds files.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    report: Annotated[
+        bool, typer.Option("--report", help="Also write OUT/report.html: montage, slice browser, lesions, metrics.")
+    ] = False,
 ) -> None:
     """Predict liver tumours in one CT case: mask NIfTI, lesion table, overlay PNG (+ metrics if labelled)."""
     from rich.table import Table
@@ -564,6 +588,12 @@ def predict_command(
         overwrite=overwrite,
         progress=progress,
     )
+    if report:
+        from hepaseg.viz import predict_report
+
+        result.paths["report"] = predict_report(
+            result, Path(out) / "report.html", command=_command_line(ctx),
+            checkpoints=[model if engine == "onnx" else checkpoint], liver_checkpoint=liver_checkpoint)
     table = Table(title=f"{result.case_id}: {len(result.lesions)} lesion(s) ({result.model_name}, {result.engine})")
     for col in ("id", "volume (mL)", "max axial diameter (mm)", "centroid z,y,x (mm)", "slices"):
         table.add_column(col, justify="right")
