@@ -328,7 +328,7 @@ def _montage(case: CaseReport) -> str:
         )
         z_mm = k * float(case.spacing[0])
         rows.append(f'<tr><td class="note">slice {k}<br>z {z_mm:.1f} mm<br>'
-                    f'{int(pred[k].sum())} px</td>{imgs}</tr>')
+                    f'predicted<br>{int(pred[k].sum())} px</td>{imgs}</tr>')
     head = "<tr><td></td>" + "".join(f"<th>{_e(c)}</th>" for c in columns) + "</tr>"
     caption = (
         f"Slices with the most tumour (prediction or reference). Window {DISPLAY_WINDOW_HU[0]:g} to "
@@ -414,6 +414,14 @@ def _lesion_components(
     return out, labels
 
 
+def _window(centre: float, half: float, n: int) -> tuple[int, int]:
+    """``[start, stop)`` of about ``2 half + 1`` pixels around ``centre``, shifted (not cut) to fit in ``n``."""
+    length = min(n, int(math.ceil(2 * half)) + 1)
+    start = int(round(centre - (length - 1) / 2))
+    start = min(max(0, start), n - length)
+    return start, start + length
+
+
 def _thumbnails(case: CaseReport) -> dict[int, str]:
     """``{lesion id: data URI}``: the lesion's slice of largest diameter around its in-plane box."""
     pred = np.asarray(case.prediction) != 0
@@ -435,8 +443,8 @@ def _thumbnails(case: CaseReport) -> dict[int, str]:
         # A square field of view (mm) around the lesion: its extent + 50 %, at least 30 mm.
         cy, cx = (box[1].start + box[1].stop - 1) / 2, (box[2].start + box[2].stop - 1) / 2
         half_mm = max(15.0, 0.75 * max((box[1].stop - box[1].start) * sy, (box[2].stop - box[2].start) * sx))
-        y0, y1 = int(max(0, math.floor(cy - half_mm / sy))), int(min(image.shape[1], math.ceil(cy + half_mm / sy) + 1))
-        x0, x1 = int(max(0, math.floor(cx - half_mm / sx))), int(min(image.shape[2], math.ceil(cx + half_mm / sx) + 1))
+        y0, y1 = _window(cy, half_mm / sy, image.shape[1])
+        x0, x1 = _window(cx, half_mm / sx, image.shape[2])
         size = _display_size((y1 - y0, x1 - x0), (sy, sx), THUMB_PX)
         rgb = _gray(image[k, y0:y1, x0:x1], size)
         overlays = []
