@@ -112,6 +112,26 @@ def _dicom_options(series: str | None, seg: list[Path] | None, seg_labels: str |
     return DicomOptions(series=series, seg=tuple(seg or ()), seg_labels=seg_labels).check()
 
 
+def _command_line(ctx: typer.Context) -> str:
+    """The running command as a shell line, rebuilt from its parsed options (so it is exact
+    whatever called it: a shell, ``python -m``, a test runner)."""
+    import shlex
+
+    parts = ["hepaseg", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or param.name == "version":
+            continue
+        if param.param_type_name == "argument":
+            parts.append(str(value))
+        elif isinstance(value, bool):
+            parts.append(param.opts[0] if value else (param.secondary_opts or param.opts)[0])
+        else:
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                parts += [param.opts[0], str(item)]
+    return shlex.join(parts)
+
+
 def _print_trained_and_written(result) -> None:
     """The closing lines of `compare` and `crossval`: runs trained and files written."""
     console.print(
@@ -344,6 +364,14 @@ def models_command(
 
 
 # --- training commands (train) --------------------------------------------------------------
+def _families(values: list[str] | None) -> list[str]:
+    """``--synthetic-family`` values (repeated and/or comma-separated; ``all``) as a list; default hypo."""
+    from hepaseg.data.synthetic import FAMILIES
+
+    names = [v.strip().lower() for value in values or ["hypo"] for v in value.split(",") if v.strip()]
+    return list(FAMILIES) if "all" in names else names
+
+
 @app.command("train")
 @user_errors
 def train_command(
@@ -374,6 +402,14 @@ def train_command(
     ] = None,
     synthetic_tumors: Annotated[
         float, typer.Option(help="Probability per slice of painting synthetic tumours (Hu et al. 2023).")
+    ] = 0.0,
+    synthetic_family: Annotated[
+        Optional[list[str]],
+        typer.Option("--synthetic-family", help="Synthetic lesion family, repeatable or comma-separated: "
+                     "hypo|iso|hyper|rim|deposit|all (default hypo)."),
+    ] = None,
+    liver_enhancement: Annotated[
+        float, typer.Option(help="Probability per slice of shifting the liver's HU by -60..+20 (phase).")
     ] = 0.0,
     crop: Annotated[Optional[int], typer.Option(help="Training crop size in pixels (default: whole slices).")] = None,
     tumor_crop_fraction: Annotated[
@@ -418,6 +454,8 @@ def train_command(
             augment=False if no_augment else augment,
             aug_off=list(no_aug or []),
             synthetic_tumors=synthetic_tumors,
+            synthetic_families=_families(synthetic_family),
+            liver_enhancement=liver_enhancement,
             crop=crop,
             tumor_crop_fraction=tumor_crop_fraction,
             early_stopping_patience=early_stopping_patience,
@@ -644,6 +682,7 @@ def compare_command(
 @app.command("predict")
 @user_errors
 def predict_command(
+    ctx: typer.Context,
     input_path: Annotated[
         Path,
         typer.Argument(help="CT case (NIfTI, LiTS, MSD, DICOM study, 3D-IRCADb, MRC) or a folder of cases (batch)."),
@@ -672,6 +711,9 @@ def predict_command(
     series: SeriesOption = None,
     seg: SegOption = None,
     seg_labels: SegLabelsOption = None,
+    report: Annotated[
+        bool, typer.Option("--report", help="Also write OUT/report.html: montage, slice browser, lesions, metrics.")
+    ] = False,
 ) -> None:
     """Predict liver tumours in one CT case: mask NIfTI, lesion table, overlay PNG (+ metrics if labelled).
 
@@ -691,6 +733,11 @@ def predict_command(
     from hepaseg.io import find_cases
 
     if len(find_cases([input_path])) > 1:
+        if report:
+            raise HepasegError(
+                f"--report: writes the report of one case: expected a single case, got the folder {input_path} of "
+                "several. Run predict on a case to get its report"
+            )
         _predict_batch(input_path, out, checkpoint=checkpoint, onnx_model=model if engine == "onnx" else None,
                        liver_checkpoint=liver_checkpoint, batch=batch, tta=tta, threshold=threshold, labels=labels,
                        output_format=output_format, dicom=dicom, overwrite=overwrite, progress=progress)
@@ -717,6 +764,12 @@ def predict_command(
         console.print(f"series #{s.get('number') if s.get('number') is not None else '-'} "
                       f"{s.get('description') or 'no description'!r} ({s['uid']}): {s.get('choice')}",
                       highlight=False, soft_wrap=True)
+    if report:
+        from hepaseg.viz import predict_report
+
+        result.paths["report"] = predict_report(
+            result, Path(out) / "report.html", command=_command_line(ctx),
+            checkpoints=[model if engine == "onnx" else checkpoint], liver_checkpoint=liver_checkpoint)
     table = Table(title=f"{result.case_id}: {len(result.lesions)} lesion(s) ({result.model_name}, {result.engine})")
     for col in ("id", "volume (mL)", "max axial diameter (mm)", "centroid z,y,x (mm)", "slices"):
         table.add_column(col, justify="right")

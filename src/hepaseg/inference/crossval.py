@@ -695,8 +695,9 @@ def _table_markdown(names, folds, seeds, rows, lesions, dice_global, protocol, c
     variant = (f"cascade (liver stage {liver_model} at {liver_size} px, tumour stage on liver-cropped slices)"
                if cascade else "whole slices (single network)")
     train = protocol["train"]
-    recipe = {k: train.get(k) for k in ("loss", "augment", "synthetic_tumors", "aug_off", "crop",
-                                         "tumor_crop_fraction", "batch_size", "lr", "precision") if k in train}
+    recipe = {k: train.get(k) for k in ("loss", "augment", "synthetic_tumors", "synthetic_families",
+                                         "liver_enhancement", "aug_off", "crop", "tumor_crop_fraction", "batch_size",
+                                         "lr", "precision") if k in train}
     lines = [
         "# hepaseg crossval — leave one patient out",
         "",

@@ -103,6 +103,8 @@ class PredictResult:
         timings: seconds for ``read``, ``inference`` and ``write`` (and ``load_model``).
         case_id, shape (z, y, x), spacing (mm, z y x), engine (``torch``/``onnx``), model_name.
         warnings: problems worth telling the user (cascade: no liver found); also in lesions.json.
+        volume, tumor, liver: the case as read (canonical orientation, HU, with its label) and the
+            predicted ``(z, y, x)`` uint8 masks (liver: cascade only), for reports (hepaseg.viz).
     """
 
     out_dir: Path
@@ -117,6 +119,9 @@ class PredictResult:
     model_name: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    volume: Any = field(default=None, repr=False)
+    tumor: np.ndarray | None = field(default=None, repr=False)
+    liver: np.ndarray | None = field(default=None, repr=False)
 
 
 def check_ct_image(image: np.ndarray, source: str) -> None:
@@ -448,6 +453,9 @@ def predict_case(
         model_name=model_name,
         settings=settings,
         warnings=warnings,
+        volume=volume,
+        tumor=tumor,
+        liver=None if cascade is None else cascade.liver,
     )
 
 

@@ -310,6 +310,10 @@ def _train_options(config: TrainConfig) -> dict[str, Any]:
     if config.synthetic_tumors:
         options["synthetic_tumors"] = config.synthetic_tumors
         options["synthetic_contrast_hu"] = tuple(config.synthetic_contrast_hu)
+        options["synthetic_families"] = tuple(config.synthetic_families)
+    if config.liver_enhancement:
+        options["liver_enhancement"] = config.liver_enhancement
+        options["liver_enhancement_hu"] = tuple(config.liver_enhancement_hu)
     return options
 
 
