@@ -136,8 +136,8 @@ def test_seg_round_trip_equals_the_nifti_mask(toys, tmp_path, shuffled, iop):
     _series(folder, image, shuffled=shuffled, iop=iop)
     out = tmp_path / "pred"
     result = predict_case(folder, out, checkpoint=toys["tumor"], output_format="both", progress=False, device="cpu")
-    assert sorted(p.name for p in out.iterdir()) == ["lesions.csv", "lesions.json", "overlay.png",
-                                                      "segmentation.dcm", "tumor_mask.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [".hepaseg-output.json", "lesions.csv", "lesions.json",
+                                                      "overlay.png", "segmentation.dcm", "tumor_mask.nii.gz"]
     expected = (np.abs(image.astype(float) - 100) < 23).astype(np.uint8)  # the toy's rule, by hand
     nifti = _nifti_zyx(out / "tumor_mask.nii.gz")
     np.testing.assert_array_equal(nifti, expected)
