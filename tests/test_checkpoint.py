@@ -97,8 +97,11 @@ def test_errors_name_the_file(trained, tmp_path):
     ckpt["hepaseg"]["extra"] = Path("x")
     unsafe = tmp_path / "unsafe.ckpt"
     torch.save(ckpt, unsafe)
-    with pytest.raises(HepasegError, match="unsafe.ckpt: cannot read checkpoint"):
+    unpickle = r"unsafe.ckpt: checkpoint holds non-tensor Python objects \(pathlib\."
+    with pytest.raises(HepasegError, match=unpickle) as err:
         load_checkpoint(unsafe)
+    # Issue 9, item 9: not "truncated or corrupt?", and never torch's advice to drop weights_only.
+    assert "corrupt" not in str(err.value) and "weights_only" not in str(err.value) and "\n" not in str(err.value)
 
 
 def test_atomic_write_keeps_previous_file_on_failure(tmp_path, monkeypatch):

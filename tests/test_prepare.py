@@ -205,7 +205,7 @@ def test_output_with_other_files_is_refused(lits_dir, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(HepasegError, match="holds other files"):
+    with pytest.raises(HepasegError, match="holds files hepaseg did not write"):
         _run([lits_dir], out, size=24, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     empty = tmp_path / "empty"

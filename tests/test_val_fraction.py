@@ -117,7 +117,7 @@ def test_training_without_validation_writes_last_ckpt_only_and_warns(tmp_path):
     with pytest.warns(UserWarning, match="no validation slices"):
         result = train(config)
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert files == ["config.json", "last.ckpt", "logs", "result.json"]
+    assert files == [".hepaseg-output.json", "config.json", "last.ckpt", "logs", "result.json"]  # marker: a run folder
     assert result.best_checkpoint is None and result.best_val_dice is None
     assert result.last_checkpoint == tmp_path / "run" / "last.ckpt"
     assert (result.epochs, result.steps) == (2, 2 * 3)  # 18 slices / batch 6, every case trains

@@ -10,6 +10,7 @@ Prepared dataset format (``hepaseg-slices/1``)
 ----------------------------------------------
 ::
 
+    DIR/.hepaseg-output.json  marker: written by `hepaseg prepare` (only such a DIR is replaced)
     DIR/manifest.json   written LAST, atomically: its presence means the dataset is complete
     {
       "format": "hepaseg-slices/1", "hepaseg_version": "0.1.0",
@@ -122,8 +123,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -139,8 +138,9 @@ from hepaseg import __version__
 from hepaseg.data.roi import ROI_MODES, crop_slices, liver_crop_box
 from hepaseg.data.zval import check_val_fraction, split_case_along_z, val_note, z_val_gap
 from hepaseg.errors import HepasegError
-from hepaseg.io import CANONICAL_DESCRIPTION, find_cases, read_volume
-from hepaseg.io.atomic import replace_dir, write_json_atomic
+from hepaseg.io import CANONICAL_DESCRIPTION, DicomOptions, find_cases, read_volume
+from hepaseg.io.atomic import atomic_dir, write_json_atomic
+from hepaseg.io.outputs import check_output_dir, write_output_marker
 from hepaseg.io.volume import LABEL_TUMOR, Volume
 
 __all__ = [
@@ -528,29 +528,6 @@ def _check_label(vol: Volume, where: str) -> None:
         )
 
 
-def _check_out(out: Path, overwrite: bool) -> bool:
-    """Return True when ``out`` holds a previous prepare output that will be replaced."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise HepasegError(
-            f"{out}: --out exists and is a file: expected a new or empty directory. Choose another --out."
-        )
-    if not any(out.iterdir()):
-        return False
-    if not is_prepared_dir(out):
-        raise HepasegError(
-            f"{out}: --out exists and holds other files (no {FORMAT} manifest.json): expected a new or empty "
-            "directory or a previous prepare output. Choose another --out; nothing was written."
-        )
-    if not overwrite:
-        raise HepasegError(
-            f"{out}: --out already holds a prepared dataset: expected a new directory. "
-            "Pass --overwrite to replace it or choose another --out."
-        )
-    return True
-
-
 def prepare(
     sources: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -570,13 +547,15 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
     console: Console | None = None,
+    dicom: DicomOptions | None = None,
 ) -> dict[str, Any]:
     """Prepare a slice dataset from CT volumes; see the module docstring for the format.
 
     Args:
         sources: files or folders (LiTS, MSD Task03, 3D-IRCADb, NIfTI, DICOM, MRC);
             every case found in them is used.
-        out: output directory: new, empty, or (with ``overwrite``) a previous output.
+        out: output directory: new, empty, or (with ``overwrite``) an earlier prepare output
+            (one carrying :data:`hepaseg.io.OUTPUT_MARKER`); never equal to, inside or around a source.
         window: HU window ``(lo, hi)``, ``lo < hi`` (default ``(-200, 250)``).
         size: slice size in pixels after resizing, > 0 (default 224).
         slices: ``tumor`` | ``liver`` | ``all``; default ``tumor``, or ``all`` with ``target="liver"``.
@@ -597,13 +576,16 @@ def prepare(
         overwrite: replace a previous prepare output at ``out``.
         progress: show a progress bar over volumes.
         console: where the progress bar and summary table go (default: stdout).
+        dicom: series choice and SEG labels of DICOM study cases (``--series``, ``--seg`` for a
+            single case, ``--seg-labels``); each study's SEG objects are found in its folder.
 
     Returns:
         The manifest (also written to ``out/manifest.json``).
 
     Raises:
         HepasegError: bad options, missing/empty sources, unreadable or invalid
-            cases, unknown split ids, or an ``out`` that is not ours. On any error
+            cases, unknown split ids, or an ``out`` that is not ours or overlaps a source
+            (checked before any case is read). On any error
             nothing is left at ``out`` (a previous output is kept as it was).
     """
     if target not in PREPARE_TARGETS:
@@ -627,8 +609,12 @@ def prepare(
     if val_fraction is not None:
         val_fraction = _check_val_fraction_split(val_fraction, fractions, z_opts)
     out = Path(out)
-    _check_out(out, overwrite)
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    source_paths = [Path(s) for s in sources]
     split_path = Path(split_file) if split_file is not None else None
+    # Only an earlier prepare output (marker) is replaced, and only with --overwrite.
+    check_output_dir(out, command="prepare", inputs=[*source_paths, split_path], overwrite=overwrite)
     file_assignment = _read_split_file(split_path) if split_path is not None else None
     if val_fraction is not None and file_assignment is not None and "val" in file_assignment.values():
         raise HepasegError(
@@ -636,9 +622,6 @@ def prepare(
             "validation set is the last z-block of each training patient). Move them to train or test"
         )
 
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    source_paths = [Path(s) for s in sources]
     if not source_paths:
         raise HepasegError("SOURCES: expected at least one file or folder of CT volumes, got none.")
     for src in source_paths:
@@ -650,18 +633,21 @@ def prepare(
         raise HepasegError(
             f"{names}: no CT cases found: expected LiTS, MSD, 3D-IRCADb, NIfTI, DICOM or MRC files. Check the path."
         )
+    if dicom is not None and dicom.seg and len(case_paths) != 1:
+        raise HepasegError(
+            f"--seg: names the SEG files of one case: expected a single case, got {len(case_paths)}. Put each "
+            "case's SEG in its study folder (it is found there)."
+        )
     if z_opts is not None and len(case_paths) != 1:
         raise HepasegError(
             f"--z-split: expected a single-volume source (it splits one patient along z), got {len(case_paths)} cases."
         )
 
     console = console or Console()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset is meant to be shared like any dir
-    try:
+    # Written into a temporary folder beside out and moved into place at the end (an earlier
+    # output is replaced only then), so out is complete or untouched.
+    with atomic_dir(out) as tmp:
+        write_output_marker(tmp, "prepare")
         (tmp / "cases").mkdir()
         cases: list[dict[str, Any]] = []
         seen: dict[str, str] = {}
@@ -670,7 +656,12 @@ def prepare(
             task = bar.add_task("preparing", total=len(case_paths))
             for path in case_paths:
                 bar.update(task, description=f"preparing {Path(path).name}")
-                vol = read_volume(path)  # labels too when the layout has them, even for --slices all
+                vol = read_volume(path, dicom=dicom)  # labels too when the layout has them, even for --slices all
+                if "series_choice" in vol.meta:  # a DICOM study: say which series was used, and why
+                    series = vol.meta["series"]
+                    number = "-" if series.get("number") is None else series["number"]
+                    console.print(f"{vol.case_id}: series #{number} {series.get('description') or 'no description'!r}"
+                                  f" ({series['uid']}): {vol.meta['series_choice']}", highlight=False, soft_wrap=True)
                 where = f"{path}"
                 if vol.case_id in seen:
                     raise HepasegError(
@@ -781,10 +772,6 @@ def prepare(
             "cases": cases,
         }
         write_json_atomic(tmp / "manifest.json", manifest)  # last file written
-        replace_dir(tmp, out)  # out is empty/absent unless overwrite was asked
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     console.print(summary_table(manifest, title=f"prepared slices -> {out}"))
     return manifest
 

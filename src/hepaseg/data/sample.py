@@ -36,6 +36,7 @@ from pathlib import Path
 from hepaseg.errors import HepasegError
 from hepaseg.io import read_volume, write_image_nifti, write_label_nifti
 from hepaseg.io.atomic import write_json_atomic
+from hepaseg.io.outputs import check_apart_from_inputs, check_writable
 
 __all__ = ["LITS117_PACKAGE", "LITS117_SHA256", "SAMPLES", "default_cache_dir", "fetch_lits117"]
 
@@ -173,6 +174,8 @@ def fetch_lits117(
         raise HepasegError(
             f"{dest}: --dest exists and is a file: expected a directory. Choose another --dest."
         )
+    check_apart_from_inputs(dest, "--dest", [from_dir])  # the MRC files are never written over
+    check_writable(dest, "--dest")
     if _is_complete(dest):
         return dest
     # Stage beside dest, so a failed fetch or checksum leaves dest untouched (not even created).

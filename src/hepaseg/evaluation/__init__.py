@@ -25,6 +25,7 @@ from hepaseg.evaluation.detection import (
 from hepaseg.evaluation.evaluate import (
     EvaluationResult,
     check_data_options,
+    check_threshold,
     evaluate_checkpoint,
     predict_slices,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "EvaluationResult",
     "check_data_options",
     "check_sizes",
+    "check_threshold",
     "compare",
     "cpu_ms_per_slice",
     "evaluate_checkpoint",

@@ -6,6 +6,7 @@ evaluates each run's ``best.ckpt`` on the test split with
 :func:`hepaseg.evaluation.evaluate_checkpoint`, measures CPU inference time and parameter
 counts, and writes::
 
+    OUT/.hepaseg-output.json     marker: a compare folder (another non-empty folder is refused)
     OUT/protocol.json            the pinned protocol (a later call must match it)
     OUT/runs/<model>/seed<k>/    the training run (hepaseg train layout) + eval-<split>/ + compare.json
     OUT/table.md                 Table 1 layout, mean ± sd over seeds, Params (M), CPU ms/slice,
@@ -53,6 +54,7 @@ from hepaseg.evaluation.evaluate import evaluate_checkpoint, json_safe
 from hepaseg.evaluation.metrics import SLICE_METRICS
 from hepaseg.evaluation.report import table1_markdown
 from hepaseg.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+from hepaseg.io.outputs import check_output_dir, write_output_marker
 
 __all__ = [
     "CompareResult",
@@ -298,6 +300,8 @@ def compare(
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise HepasegError(f"--seeds: invalid value: expected a positive integer, got {seeds!r}")
     data, out = Path(data), Path(out)
+    # Before any work: a new folder, or this command's earlier (resumable) output; never around --data.
+    out_state = check_output_dir(out, command="compare", inputs=[data], reuse=True)
     if not data.is_dir():
         raise HepasegError(f"{data}: data directory not found: expected a directory written by "
                            "`hepaseg prepare`. Check --data or run `hepaseg prepare SOURCES --out DIR`")
@@ -318,6 +322,8 @@ def compare(
         "max_minutes_per_run": max_minutes_per_run, "train": shared,
     })
     out.mkdir(parents=True, exist_ok=True)
+    if out_state == "new":
+        write_output_marker(out, "compare")
     _check_protocol(out, protocol)
 
     runs: list[dict[str, Any]] = []

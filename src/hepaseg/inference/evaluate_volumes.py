@@ -38,12 +38,12 @@ import numpy as np
 
 from hepaseg import __version__
 from hepaseg.errors import HepasegError
-from hepaseg.evaluation.evaluate import json_safe
+from hepaseg.evaluation.evaluate import check_threshold, json_safe
 from hepaseg.evaluation.metrics import global_dice, volume_metrics
 from hepaseg.inference.cascade import check_cascade, predict_cascade, require_liver_stage
 from hepaseg.inference.ensemble import load_ensemble, predict_ensemble
 from hepaseg.inference.postprocess import PostProcess, postprocess_mask
-from hepaseg.io import find_cases, read_volume
+from hepaseg.io import DicomOptions, check_output_dir, find_cases, read_volume, write_output_marker
 from hepaseg.io.atomic import atomic_path, write_json_atomic
 from hepaseg.io.volume import LABEL_TUMOR
 
@@ -136,6 +136,7 @@ def evaluate_volumes(
     progress: bool = False,
     liver_checkpoint: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     postprocess: PostProcess | None = None,
+    dicom: DicomOptions | None = None,
 ) -> VolumeEvaluationResult:
     """Predict each labelled case of ``sources`` and score it in 3D (distances in mm).
 
@@ -154,20 +155,32 @@ def evaluate_volumes(
         liver_checkpoint: a liver-stage checkpoint (or several): predict with the cascade and score
             both stages (required for a tumour checkpoint trained with ``roi == "liver"``).
         postprocess: applied to each predicted tumour mask before scoring (default None: none).
+        dicom: series choice and SEG labels of DICOM study cases (``--series``, ``--seg`` for a
+            single case, ``--seg-labels``).
 
     Returns:
         A :class:`VolumeEvaluationResult`; rows hold :func:`volume_metrics` of each case
         (tumour = label 2 vs. the predicted mask), its spacing (mm) and prediction seconds.
 
     Raises:
-        HepasegError: missing sources, unreadable cases, no labelled case, a bad checkpoint, a
+        HepasegError: a bad ``threshold``/``batch``, an ``out`` that is not an evaluate output or
+            overlaps an input (checked first), missing sources, unreadable cases, no labelled case, a bad checkpoint, a
             liver-cropped tumour checkpoint without ``liver_checkpoint``, or two checkpoints that
             do not form a cascade.
     """
+    threshold = check_threshold(threshold)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise HepasegError(f"--batch: invalid value: expected a positive integer, got {batch!r}")
     postprocess = postprocess or PostProcess()
     checkpoints, liver_checkpoints = _paths(checkpoint), _paths(liver_checkpoint)
+    if not checkpoints:
+        raise HepasegError("--checkpoint: expected at least one checkpoint from `hepaseg train`, got none")
     if postprocess.needs_liver and not liver_checkpoints:
         postprocess_mask(np.zeros((1, 1, 1)), (1, 1, 1), postprocess)  # raises the one-line error
+    default = "eval-volumes" if len(checkpoints) == 1 else "eval-volumes-ensemble"
+    out_dir = Path(out) if out is not None else checkpoints[0].parent / default
+    # Before any work; `hepaseg evaluate` writes its slice and volume results into one folder.
+    check_output_dir(out_dir, command="evaluate", inputs=[*checkpoints, *liver_checkpoints, *sources], reuse=True)
     loaded = load_ensemble(checkpoints, option="--checkpoint")
     liver = None
     if not liver_checkpoints:
@@ -178,10 +191,15 @@ def evaluate_volumes(
                       liver_source=f"--liver-checkpoint {liver_checkpoints[0]}",
                       tumor_source=f"--checkpoint {checkpoints[0]}")
     cases = find_cases(list(sources))
+    if dicom is not None and dicom.seg and len(cases) != 1:
+        raise HepasegError(
+            f"--seg: names the SEG files of one case: expected a single case, got {len(cases)}. Put each case's SEG "
+            "in its study folder (it is found there)"
+        )
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     for path in cases:
-        volume = read_volume(path, with_label=True)
+        volume = read_volume(path, with_label=True, dicom=dicom)
         if volume.label is None:
             skipped.append(volume.case_id)
             continue
@@ -251,9 +269,8 @@ def evaluate_volumes(
         checkpoints=checkpoints,
         liver_checkpoints=liver_checkpoints,
     )
-    default = "eval-volumes" if len(checkpoints) == 1 else "eval-volumes-ensemble"
-    out_dir = Path(out) if out is not None else checkpoints[0].parent / default
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_output_marker(out_dir, "evaluate")
     result.out_dir = out_dir
     with atomic_path(out_dir / "volumes.csv") as tmp, open(tmp, "w", newline="") as fh:
         columns = VOLUME_CSV_COLUMNS + (LIVER_CSV_COLUMNS + BURDEN_CSV_COLUMNS if liver is not None else ())

@@ -39,17 +39,26 @@ postprocess`; off by default) edits the mask before the lesions are counted.
 sections, the flat keys staying the tumour's; ``lesions.json`` carries a ``warnings`` list
 (e.g. no liver found: the tumour mask is empty), which the CLI prints.
 
+``output_format`` (``--format``) ``"dicom-seg"`` writes, instead of the NIfTI masks, and
+``"both"`` in addition to them (DICOM inputs only)::
+
+    OUT_DIR/segmentation.dcm    a BINARY DICOM-SEG referencing the source series: a tumour
+                                segment (and a liver segment after a cascade), see
+                                hepaseg.io.dicom_seg.write_seg
+
 Every file is written into a temporary folder beside ``OUT_DIR`` that is renamed
-into place at the end, so ``OUT_DIR`` is either complete or untouched.
+into place at the end, so ``OUT_DIR`` is either complete or untouched; it carries the
+marker ``OUT_DIR/.hepaseg-output.json``, and ``overwrite`` replaces only a folder with
+that marker (never one that holds, or lies inside, an input).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-import shutil
-import tempfile
 import time
+import warnings as pywarnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +68,7 @@ import numpy as np
 
 from hepaseg import __version__
 from hepaseg.errors import HepasegError
-from hepaseg.evaluation.evaluate import json_safe
+from hepaseg.evaluation.evaluate import check_threshold, json_safe
 from hepaseg.inference.cascade import KEEP_MARGIN_MM, check_cascade, predict_cascade, require_liver_stage
 from hepaseg.inference.ensemble import load_ensemble, predict_ensemble
 from hepaseg.inference.lesion_stats import lesion_confidence
@@ -73,15 +82,29 @@ from hepaseg.io import (
     CANONICAL_DESCRIPTION,
     LABEL_LIVER,
     LABEL_TUMOR,
+    DicomOptions,
+    atomic_dir,
+    check_output_dir,
+    check_output_file,
     read_volume,
-    replace_dir,
     write_json_atomic,
     write_label_nifti,
+    write_output_marker,
     write_probability_nifti,
     write_text_atomic,
 )
 
-__all__ = ["LABEL_MODES", "OUTPUT_FILES", "PredictResult", "check_ct_image", "export_checkpoint", "predict_case"]
+__all__ = [
+    "LABEL_MODES",
+    "OUTPUT_FILES",
+    "OUTPUT_FORMATS",
+    "LoadedModels",
+    "PredictResult",
+    "check_ct_image",
+    "export_checkpoint",
+    "load_models",
+    "predict_case",
+]
 
 OUTPUT_FILES = ("tumor_mask.nii.gz", "lesions.csv", "lesions.json", "overlay.png", "metrics.json")
 PROBABILITY_FILES = ("tumor_probability.nii.gz", "tumor_uncertainty.nii.gz", "liver_probability.nii.gz")
@@ -90,6 +113,8 @@ UNCERTAINTY_DEFINITION = (
     "network's resolution and resized bilinearly like the probability; 0 for one member without --tta"
 )
 LABEL_MODES = ("tumor", "lits")
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
+SEG_FILE = "segmentation.dcm"
 #: A CT scan in HU has air (about -1000 HU) around or inside the body; below this, it is there.
 AIR_BELOW_HU = -500.0
 
@@ -110,6 +135,10 @@ class PredictResult:
         warnings: problems worth telling the user (cascade: no liver found); also in lesions.json.
         summary: ``n_lesions``, ``tumor_volume_ml`` and, after a cascade, ``liver_volume_ml`` and
             ``tumor_burden_percent`` (tumour voxels inside the predicted liver / liver voxels x 100).
+        volume, tumor, liver: the case as read (canonical orientation, HU, with its label) and the
+            predicted ``(z, y, x)`` uint8 masks (liver: cascade only), for reports (hepaseg.viz).
+        uncertainty: ``(z, y, x)`` float32 sd of the tumour probability over members and flips, or
+            None when there is no spread (one member without TTA).
     """
 
     out_dir: Path
@@ -125,6 +154,10 @@ class PredictResult:
     model_name: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    volume: Any = field(default=None, repr=False)
+    tumor: np.ndarray | None = field(default=None, repr=False)
+    liver: np.ndarray | None = field(default=None, repr=False)
+    uncertainty: np.ndarray | None = field(default=None, repr=False)
 
 
 def check_ct_image(image: np.ndarray, source: str) -> None:
@@ -148,21 +181,6 @@ def check_ct_image(image: np.ndarray, source: str) -> None:
             f"{source}: does not look like CT in Hounsfield units: expected air near -1000 HU somewhere in "
             f"the volume, got a minimum of {lowest:g}. Pass a CT scan (MRI/PET are not supported), with "
             "rescale slope/intercept applied"
-        )
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise HepasegError(f"{out_dir}: --out exists and is a file: expected a new or empty directory. "
-                           "Choose another --out")
-    others = sorted(p.name for p in out_dir.iterdir())
-    if others and not overwrite:
-        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise HepasegError(
-            f"{out_dir}: --out already holds files ({shown}): expected a new or empty directory. "
-            "Pass --overwrite to replace it, or choose another --out; nothing was written"
         )
 
 
@@ -199,17 +217,6 @@ def _paths(value: str | os.PathLike | Sequence[str | os.PathLike] | None) -> lis
     return [Path(v) for v in value]
 
 
-def _load_members(checkpoints: list[Path], onnx_model) -> tuple[list, dict, str, str, dict]:
-    """(models, data_options, engine, model_name, model_options) of one ONNX file or one or more checkpoints."""
-    if onnx_model is not None or len(checkpoints) <= 1:
-        model, data_options, engine, name, options = _load_engine(checkpoints[0] if checkpoints else None,
-                                                                  onnx_model)
-        return [model], data_options, engine, name, options
-    ensemble = load_ensemble(checkpoints, option="--checkpoint")
-    return list(ensemble.models), dict(ensemble.data_options), "torch", ensemble.model_name, \
-        dict(ensemble.model_options[0])
-
-
 def _summary(tumor: np.ndarray, spacing, liver: np.ndarray | None, n_lesions: int) -> dict[str, Any]:
     """Lesion count, tumour volume (mL) and, with a liver, its volume and the tumour burden (% of the liver)."""
     voxel_ml = float(np.prod(np.asarray(spacing, np.float64))) / 1000.0
@@ -222,6 +229,101 @@ def _summary(tumor: np.ndarray, spacing, liver: np.ndarray | None, n_lesions: in
         # Burden: the share of the liver taken by tumour (tumour voxels inside the liver mask).
         out["tumor_burden_percent"] = 100.0 * int(np.count_nonzero(tumor & liver)) / n_liver if n_liver else math.nan
     return out
+
+
+@dataclass
+class LoadedModels:
+    """The networks of one prediction setup, loaded once (a batch reuses them for every case).
+
+    Attributes:
+        models: the tumour stage's networks: one ONNX model, one checkpoint's network, or the
+            members of an ensemble (several checkpoints sharing their data options), averaged.
+        data_options, engine, model_name, model_options: the tumour stage (the first member's
+            model options; ``model_name`` is e.g. ``"mfcnet x3"`` for three members).
+        checkpoints: the tumour checkpoints (``[]`` for the onnx engine).
+        liver: the liver stage (cascade) as an :class:`~hepaseg.inference.ensemble.Ensemble` of one
+            or more members, or None; ``liver_checkpoints`` its files.
+        tumor_source: ``"--checkpoint PATH[, PATH...]"`` / ``"--model PATH"`` for messages.
+        sha256: SHA-256 of the tumour checkpoint (or ONNX) file, comma-joined over the members of an
+            ensemble; with a cascade ``liver_sha256`` likewise (written into a DICOM-SEG's algorithm
+            identification and into ``batch.json``).
+        seconds: time spent loading.
+    """
+
+    models: list
+    data_options: dict
+    engine: str
+    model_name: str
+    model_options: dict
+    checkpoints: list[str] = field(default_factory=list)
+    liver: Any = None
+    liver_checkpoints: list[str] = field(default_factory=list)
+    tumor_source: str = ""
+    sha256: str = ""
+    liver_sha256: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def model(self) -> Any:
+        """The first (for one checkpoint or ONNX: the only) tumour network."""
+        return self.models[0]
+
+    @property
+    def liver_checkpoint(self) -> str | None:
+        """The first liver-stage checkpoint, or None without a cascade."""
+        return self.liver_checkpoints[0] if self.liver_checkpoints else None
+
+
+def load_models(
+    checkpoint: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    onnx_model: str | os.PathLike | None = None,
+    liver_checkpoint: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+) -> LoadedModels:
+    """Load the tumour model(s) (checkpoints or ONNX) and, for a cascade, the liver stage; check they fit.
+
+    ``checkpoint`` and ``liver_checkpoint`` each take one path or several (an ensemble whose members
+    must share their data options, :func:`~hepaseg.inference.ensemble.load_ensemble`).
+
+    Raises:
+        HepasegError: a missing/corrupt file, members with different data options, a liver-cropped
+            tumour checkpoint without a liver stage, or two stages that do not form a cascade.
+    """
+    t0 = time.perf_counter()
+    checkpoints, liver_checkpoints = _paths(checkpoint), _paths(liver_checkpoint)
+    if onnx_model is not None or len(checkpoints) <= 1:
+        model, data_options, engine, model_name, model_options = _load_engine(
+            checkpoints[0] if checkpoints else None, onnx_model)
+        members = [model]
+    else:
+        ensemble = load_ensemble(checkpoints, option="--checkpoint")
+        members, data_options, engine = list(ensemble.models), dict(ensemble.data_options), "torch"
+        model_name, model_options = ensemble.model_name, dict(ensemble.model_options[0])
+    tumor_source = (f"--model {onnx_model}" if onnx_model is not None
+                    else f"--checkpoint {', '.join(map(str, checkpoints))}")
+    liver_loaded = None
+    if not liver_checkpoints:
+        require_liver_stage(data_options, source=tumor_source)
+    else:
+        liver_loaded = load_ensemble(liver_checkpoints, option="--liver-checkpoint")
+        check_cascade(liver_loaded.data_options, data_options,
+                      liver_source=f"--liver-checkpoint {liver_checkpoints[0]}", tumor_source=tumor_source)
+    hashed = [onnx_model] if onnx_model is not None else checkpoints
+    return LoadedModels(
+        models=members, data_options=data_options, engine=engine, model_name=model_name,
+        model_options=model_options, checkpoints=[] if onnx_model is not None else [str(c) for c in checkpoints],
+        liver=liver_loaded, liver_checkpoints=[str(c) for c in liver_checkpoints], tumor_source=tumor_source,
+        sha256=",".join(_sha256(p) for p in hashed),
+        liver_sha256=",".join(_sha256(p) for p in liver_checkpoints) if liver_checkpoints else None,
+        seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def predict_case(
@@ -241,6 +343,9 @@ def predict_case(
     precision: str = "auto",
     save_probabilities: bool = False,
     postprocess: PostProcess | None = None,
+    output_format: str = "nifti",
+    dicom: DicomOptions | None = None,
+    models: LoadedModels | None = None,
 ) -> PredictResult:
     """Predict the liver tumours of one CT case and write the results folder (see module docstring).
 
@@ -262,13 +367,18 @@ def predict_case(
         labels: ``"tumor"`` (default: mask 0/1) or ``"lits"`` (0 background, 1 liver, 2 tumour; the
             liver comes from the input's own label map, so the input must have one -- or, with
             ``liver_checkpoint``, from the predicted liver).
-        overwrite: replace an ``out_dir`` that already holds files.
+        overwrite: replace an ``out_dir`` that holds an earlier ``predict`` output (its marker);
+            any other non-empty folder is refused.
         progress: show a progress bar over slices.
         device: torch device (default CUDA when available); ignored by the onnx engine.
         precision: torch autocast precision (see :func:`predict_volume`; default ``"auto"``).
         save_probabilities: also write the probability and uncertainty NIfTIs (module docstring).
         postprocess: :class:`~hepaseg.inference.postprocess.PostProcess` applied to the tumour mask
             (default None: none).
+        output_format: ``"nifti"`` (default), ``"dicom-seg"`` or ``"both"``; a SEG needs a DICOM input.
+        dicom: series choice and SEG labels of a DICOM input (``--series``, ``--seg``, ``--seg-labels``).
+        models: networks already loaded by :func:`load_models` (batch prediction; one model or an
+            ensemble); then ``checkpoint``/``onnx_model``/``liver_checkpoint`` are not read again.
 
     Returns:
         :class:`PredictResult`.
@@ -281,35 +391,37 @@ def predict_case(
     """
     if labels not in LABEL_MODES:
         raise HepasegError(f"--labels: expected one of {', '.join(LABEL_MODES)}, got {labels!r}")
-    if not 0.0 < float(threshold) < 1.0:
-        raise HepasegError(f"--threshold: expected a probability in (0, 1), got {threshold!r}")
+    threshold = check_threshold(threshold)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise HepasegError(f"--batch: expected a positive integer, got {batch!r}")
+    if output_format not in OUTPUT_FORMATS:
+        raise HepasegError(f"--format: expected one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     postprocess = postprocess or PostProcess()
-    checkpoints, liver_checkpoints = _paths(checkpoint), _paths(liver_checkpoint)
+    if models is not None:
+        checkpoints, liver_checkpoints = [Path(c) for c in models.checkpoints], [
+            Path(c) for c in models.liver_checkpoints]
+    else:
+        checkpoints, liver_checkpoints = _paths(checkpoint), _paths(liver_checkpoint)
     if postprocess.needs_liver and not liver_checkpoints:
         postprocess_mask(np.zeros((1, 1, 1)), (1, 1, 1), postprocess)  # raises the one-line error
     input_path, out_dir = Path(input_path), Path(out_dir)
-    _check_out_dir(out_dir, overwrite)  # fail before the slow parts
+    inputs = [input_path, *checkpoints, onnx_model, *liver_checkpoints]
+    # Before the slow parts: only an earlier predict output is replaced (with --overwrite), and
+    # never a folder holding (or inside) an input.
+    check_output_dir(out_dir, command="predict", inputs=inputs, overwrite=overwrite)
     timings: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    models, data_options, engine, model_name, model_options = _load_members(checkpoints, onnx_model)
-    model = models[0]
-    tumor_source = "--model" if onnx_model is not None else "--checkpoint"
-    tumor_source = f"{tumor_source} {onnx_model if onnx_model is not None else ', '.join(map(str, checkpoints))}"
-    liver_loaded = None
-    if not liver_checkpoints:
-        require_liver_stage(data_options, source=tumor_source)
-    else:
-        liver_loaded = load_ensemble(liver_checkpoints, option="--liver-checkpoint")
-        check_cascade(liver_loaded.data_options, data_options,
-                      liver_source=f"--liver-checkpoint {liver_checkpoints[0]}", tumor_source=tumor_source)
-    timings["load_model"] = time.perf_counter() - t0
+    if models is None:
+        models = load_models(checkpoints, onnx_model, liver_checkpoints)
+        timings["load_model"] = models.seconds
+    members, model, data_options, engine = models.models, models.model, models.data_options, models.engine
+    model_name, model_options, liver_loaded = models.model_name, models.model_options, models.liver
 
     t0 = time.perf_counter()
-    volume, label_note = _read_case(input_path)
+    volume, label_note = _read_case(input_path, dicom)
     source = str(input_path)
+    if output_format != "nifti":
+        _check_seg_output(volume, source)
     check_ct_image(volume.image, source)
     check_volume_for_model(volume.image, data_options, model=model, source=source)
     liver = None
@@ -327,10 +439,10 @@ def predict_case(
     if liver_loaded is None:
         # The spread needs two members or flips (one member without TTA has none: 0 by definition);
         # votes need two members.
-        spread = len(models) > 1 or bool(tta)
+        spread = len(members) > 1 or bool(tta)
         found = predict_ensemble(
-            models, volume, data_options, batch=batch, tta=tta, threshold=threshold, device=device,
-            precision=precision, progress=progress, uncertainty=spread, votes=len(models) > 1,
+            members, volume, data_options, batch=batch, tta=tta, threshold=threshold, device=device,
+            precision=precision, progress=progress, uncertainty=spread, votes=len(members) > 1,
         )
         raw_tumor = found.mask(threshold)  # (z, y, x) uint8 {0, 1}
         probability, uncertainty, votes = found.probability, found.uncertainty, found.votes
@@ -338,7 +450,7 @@ def predict_case(
             uncertainty = np.zeros(probability.shape, dtype=np.float32)
     else:
         cascade = predict_cascade(
-            liver_loaded.models, liver_loaded.data_options, models, data_options, volume, batch=batch, tta=tta,
+            liver_loaded.models, liver_loaded.data_options, members, data_options, volume, batch=batch, tta=tta,
             threshold=threshold, device=device, precision=precision, progress=progress, details=True,
         )
         raw_tumor = cascade.tumor
@@ -349,7 +461,8 @@ def predict_case(
     predicted_liver = cascade.liver if cascade is not None else None
     tumor, postprocess_info = postprocess_mask(raw_tumor, volume.spacing, postprocess, liver=predicted_liver)
     timings["inference"] = time.perf_counter() - t0
-    warnings = list(cascade.warnings) if cascade is not None else []
+    warnings = list(volume.meta.get("warnings", []))  # odd DICOM images left out of the series
+    warnings += list(cascade.warnings) if cascade is not None else []
     geometry = volume.source_geometry
     if data_options.get("orientation") is None and geometry is not None and not geometry.is_identity:
         warnings.append(
@@ -371,7 +484,7 @@ def predict_case(
     elif volume.label is not None and np.any(volume.label > 0):
         stats_liver, liver_source = volume.label > 0, "input label"
     confidence = lesion_confidence(tumor, volume.spacing, probability=probability, uncertainty=uncertainty,
-                                   votes=votes, n_members=len(models), liver=stats_liver)
+                                   votes=votes, n_members=len(members), liver=stats_liver)
     assert [c["voxels"] for c in confidence] == [r["voxels"] for r in rows]  # the same lesions, same order
     rows = [{**row, **{k: v for k, v in conf.items() if k != "voxels"}} for row, conf in zip(rows, confidence)]
     if uncertainty is None:  # one member without TTA: no spread, 0 by definition
@@ -396,8 +509,8 @@ def predict_case(
         "data_options": data_options,
         "threshold": float(threshold),
         "tta": bool(tta),
-        "checkpoints": [str(c) for c in checkpoints] if onnx_model is None else [],
-        "n_members": len(models),
+        "checkpoints": [str(c) for c in checkpoints] if engine == "torch" else [],
+        "n_members": len(members),
         "uncertainty": UNCERTAINTY_DEFINITION,
         "postprocess": {"applied": postprocess.describe(),
                         **{k: v for k, v in postprocess_info.items() if k != "settings"}, **postprocess.as_dict()},
@@ -407,8 +520,11 @@ def predict_case(
         "connectivity": 26,
         "hepaseg_version": __version__,
         "label_note": label_note,
+        "output_format": output_format,
         "orientation": {"canonical": CANONICAL_DESCRIPTION, **(geometry.as_dict() if geometry is not None else {})},
     }
+    if "series" in volume.meta:  # DICOM: which series was used, and why
+        settings["series"] = {**volume.meta["series"], "choice": volume.meta.get("series_choice")}
     if cascade is not None:
         settings["cascade"] = {
             "liver_checkpoint": str(liver_checkpoints[0]) if len(liver_checkpoints) == 1 else
@@ -430,19 +546,27 @@ def predict_case(
         names["metrics"] = "metrics.json"
     if cascade is not None:
         names["liver_mask"] = "liver_mask.nii.gz"
+    if output_format == "dicom-seg":
+        names.pop("mask")
+        names.pop("liver_mask", None)
+    if output_format != "nifti":
+        names["seg"] = SEG_FILE
     if save_probabilities:
         names.update(tumor_probability=PROBABILITY_FILES[0], tumor_uncertainty=PROBABILITY_FILES[1])
         if cascade is not None:
             names["liver_probability"] = PROBABILITY_FILES[2]
-        if len(models) == 1 and not tta:
+        if len(members) == 1 and not tta:
             warnings.append("one member without --tta: tumor_uncertainty.nii.gz is 0 everywhere (the uncertainty "
                             "is the spread over members and flips); add --tta or more --checkpoint")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        write_label_nifti(mask, volume, tmp / names["mask"])
-        if cascade is not None:
+    with atomic_dir(out_dir) as tmp:  # removed on any error or SIGTERM; the user's permissions, not 0700
+        write_output_marker(tmp, "predict")
+        if "mask" in names:
+            write_label_nifti(mask, volume, tmp / names["mask"])
+        if "liver_mask" in names:
             write_label_nifti(cascade.liver, volume, tmp / names["liver_mask"])
+        if "seg" in names:
+            _write_seg(tmp / names["seg"], volume, tumor, None if cascade is None else cascade.liver, models,
+                       threshold)
         if save_probabilities:
             write_probability_nifti(probability, volume, tmp / names["tumor_probability"])
             write_probability_nifti(uncertainty, volume, tmp / names["tumor_uncertainty"])
@@ -459,11 +583,8 @@ def predict_case(
                      title=volume.case_id)
         if metrics is not None:
             write_json_atomic(tmp / names["metrics"], json_safe({**metrics, "settings": settings}))
-        _check_out_dir(out_dir, overwrite)  # again: something may have appeared meanwhile
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # Again: something may have appeared meanwhile.
+        check_output_dir(out_dir, command="predict", inputs=inputs, overwrite=overwrite)
     timings["write"] = time.perf_counter() - t0
     return PredictResult(
         out_dir=out_dir,
@@ -479,20 +600,70 @@ def predict_case(
         model_name=model_name,
         settings=settings,
         warnings=warnings,
+        volume=volume,
+        tumor=tumor,
+        liver=None if cascade is None else cascade.liver,
+        uncertainty=uncertainty if len(members) > 1 or tta else None,
     )
 
 
-def _read_case(path: Path) -> tuple[Any, str | None]:
+def _read_case(path: Path, dicom: DicomOptions | None = None) -> tuple[Any, str | None]:
     """Read a case with its label when it has one; without it when the label cannot be read.
 
     Prediction does not need labels (a LiTS test volume has none), so a missing or unreadable
-    label only drops ``metrics.json``; the returned note says why.
+    label only drops ``metrics.json``; the returned note says why. A SEG given with ``--seg``
+    is different: the user asked for it, so its errors stop the prediction.
     """
     try:
-        return read_volume(path, with_label=True), None
+        return read_volume(path, with_label=True, dicom=dicom), None
     except HepasegError as with_label_error:
-        volume = read_volume(path, with_label=False)  # an image problem raises its own error here
+        if dicom is not None and dicom.seg:
+            raise
+        with pywarnings.catch_warnings():
+            pywarnings.simplefilter("ignore")  # the first read already warned about dropped images
+            volume = read_volume(path, with_label=False, dicom=dicom)  # an image problem raises its own error
         return volume, f"labels not read: {with_label_error}"
+
+
+def _check_seg_output(volume, source: str) -> None:
+    """Refuse ``--format dicom-seg|both`` before inference when the input cannot carry a SEG."""
+    files = volume.meta.get("dicom_files")
+    if not files or not volume.meta.get("sop_instance_uids"):
+        raise HepasegError(
+            f"--format: DICOM-SEG output needs a DICOM input: expected a DICOM series, got a {volume.kind} case "
+            f"({source}). Use --format nifti"
+        )
+    if any("::" in str(f) for f in files):
+        raise HepasegError(
+            f"--format: {source}: DICOM-SEG output needs the source slices as files: expected an unpacked "
+            "series, got a zip archive. Unpack it and predict on the folder, or use --format nifti"
+        )
+    import pydicom
+
+    from hepaseg.io.dicom_seg import check_seg_source
+
+    check_seg_source(pydicom.dcmread(files[0], stop_before_pixels=True), files[0])
+
+
+def _write_seg(path: Path, volume, tumor: np.ndarray, liver: np.ndarray | None, models: LoadedModels,
+               threshold: float) -> None:
+    """The tumour (and cascade liver) masks, canonical ``(z, y, x)``, as a SEG on the source series."""
+    from hepaseg.io.dicom_seg import write_seg
+
+    def to_source(mask: np.ndarray) -> np.ndarray:
+        # Volumes in canonical orientation map back to the series' stacked slice order.
+        return volume.to_source(mask) if hasattr(volume, "to_source") else mask
+
+    segments = [("tumor", to_source(tumor))]
+    if liver is not None:
+        segments.append(("liver", to_source(liver)))
+    algorithm = {"version": __version__, "name": models.model_name, "checkpoint_sha256": models.sha256,
+                 "threshold": f"{float(threshold):g}"}
+    if models.liver is not None:
+        algorithm.update({"liver_model": models.liver.model_name, "liver_checkpoint_sha256": models.liver_sha256})
+    write_seg(path, segments, source_files=volume.meta["dicom_files"],
+              sop_instance_uids=volume.meta["sop_instance_uids"], algorithm=algorithm,
+              series_description=f"hepaseg {models.model_name}{' cascade' if liver is not None else ''}")
 
 
 def export_checkpoint(
@@ -500,11 +671,21 @@ def export_checkpoint(
 ) -> Path:
     """Export a training checkpoint to ONNX with its data options and model name as metadata.
 
+    ``onnx_path`` is checked first: a writable file path apart from the checkpoint; an existing
+    file there is replaced only when it is an earlier ``hepaseg export`` (ONNX producer "hepaseg").
+
     Returns:
         ``onnx_path``.
     """
     from hepaseg.training import load_checkpoint
 
+    check_output_file(onnx_path, option="--onnx", inputs=[checkpoint])
+    if Path(onnx_path).is_file() and not _is_hepaseg_onnx(Path(onnx_path)):
+        raise HepasegError(
+            f"{onnx_path}: --onnx exists and is not an ONNX file written by `hepaseg export`: expected a new file "
+            "name or an earlier export. hepaseg replaces only its own outputs: delete or move the file yourself, "
+            "or choose another --onnx"
+        )
     loaded = load_checkpoint(checkpoint)
     opts = parse_data_options(loaded.data_options, source=f"{checkpoint}: data options")
     return export_onnx(
@@ -524,3 +705,13 @@ def export_checkpoint(
             "hepaseg_version": __version__,
         },
     )
+
+
+def _is_hepaseg_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX model that ``hepaseg export`` wrote (its producer_name)."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False).producer_name == "hepaseg"
+    except Exception:  # noqa: BLE001 -- protobuf raises several types for a file that is not ONNX
+        return False
