@@ -52,7 +52,7 @@ def context_block_flops(c: int, n: int, r: int = 8) -> int:
 
 
 def test_every_field_is_present_and_positive(result):
-    assert set(result) == {"machine", "settings", "models", "ratios", "attention", "prepare", "predict"}
+    assert set(result) == {"machine", "settings", "models", "ratios", "attention", "prepare", "predict", "write"}
     m = result["machine"]
     assert m["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert m["torch"] == torch.__version__ and m["cpu_cores"] >= 1 and m["torch_threads"] >= 1 and m["cpu"]
@@ -78,6 +78,11 @@ def test_every_field_is_present_and_positive(result):
     q = result["predict"]
     assert q["kind"] == "phantom" and q["shape"] == [8, 64, 64] and q["width"] == 4 and q["lesions"] == 0
     assert q["seconds"] > 0 and all(v >= 0 for v in q["timings"].values())
+    w = result["write"]
+    assert w["shape"] == [8, 64, 64] and w["mask"] == "i.i.d. speckle"
+    # The speckle density of 8 M voxels in 3D-IRCADb 1.1 (33.8 M): about a quarter of the voxels.
+    assert w["tumor_voxels"] == pytest.approx(8 * 64 * 64 * 8e6 / (129 * 512 * 512), rel=0.1)
+    assert w["lesions"] > 0 and w["seconds"] >= sum(w["parts"].values()) > 0
     json.dumps(result)  # JSON-ready
 
 

@@ -22,7 +22,10 @@
   constant "no tumour" logit: see :func:`_bench_predict`), on 3D-IRCADb 1.1
   (``129 x 512 x 512``) when ``../shared/data/3Dircadb1.1`` is found (next to the
   repository, next to the working directory, or under ``$HEPASEG_SHARED_DATA``),
-  else on a phantom of that size.
+  else on a phantom of that size;
+* ``predict``'s write step (lesion table, volume metrics, mask, CSV/JSON, overlay) for a
+  badly trained model: an i.i.d. speckled mask of 8 M voxels on a ``129 x 512 x 512``
+  phantom (:func:`_bench_write`; quick: the ``16 x 512 x 512`` phantom at the same density).
 
 Ratios are reported beside the absolute numbers and are exact quotients of them:
 MFCNet / U-Net (parameters, GFLOPs, fp32 time per slice, peak memory), naive /
@@ -430,6 +433,58 @@ def _bench_predict(
     }
 
 
+#: The speckled mask of the write benchmark: 8 M of 3D-IRCADb 1.1's 33.8 M voxels (what a barely
+#: trained model marked as tumour there), each voxel tumour independently with this probability.
+SPECKLE_FRACTION = 8e6 / (IRCADB_SHAPE[0] * IRCADB_SHAPE[1] * IRCADB_SHAPE[2])
+
+
+def _bench_write(shape: tuple[int, int, int], work: Path) -> dict[str, Any]:
+    """Seconds of ``predict``'s write step for a speckled prediction of a ``shape`` phantom.
+
+    The same calls, in the same order, as :func:`~hepaseg.inference.pipeline.predict_case` after
+    inference (lesion table, volume metrics against the phantom's tumour, mask NIfTI, CSV/JSON,
+    overlay), on an i.i.d. speckled mask of :data:`SPECKLE_FRACTION` (8 M voxels at 3D-IRCADb 1.1's
+    size; seeded): the worst case for components and surfaces -- one voxel in four is tumour and
+    nearly every tumour voxel is surface.
+    """
+    import numpy as np
+
+    from hepaseg.data.phantom import make_phantom
+    from hepaseg.evaluation import volume_metrics
+    from hepaseg.inference.lesions import lesion_table, lesions_to_csv
+    from hepaseg.inference.overlay import draw_overlay
+    from hepaseg.io import write_json_atomic, write_label_nifti, write_text_atomic
+
+    volume = make_phantom(shape, spacing=IRCADB_SPACING, seed=0)
+    rng = np.random.default_rng(0)
+    tumor = (rng.random(shape, dtype=np.float32) < SPECKLE_FRACTION).astype(np.uint8)
+    target = volume.label == 2
+    out = work / "write"
+    out.mkdir()
+    parts: dict[str, float] = {}
+    t_all = time.perf_counter()
+    t0 = time.perf_counter()
+    rows = lesion_table(tumor, volume.spacing, volume.affine)
+    parts["lesion_table"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = volume_metrics(tumor > 0, target, volume.spacing)
+    parts["metrics"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    write_label_nifti(tumor, volume, out / "tumor_mask.nii.gz")
+    parts["mask_nifti"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    write_text_atomic(out / "lesions.csv", lesions_to_csv(rows))
+    write_json_atomic(out / "lesions.json", {"lesions": rows})
+    write_json_atomic(out / "metrics.json", metrics)
+    parts["csv_json"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    draw_overlay(volume.image, tumor, out / "overlay.png", gt_mask=target, spacing=volume.spacing)
+    parts["overlay"] = time.perf_counter() - t0
+    seconds = time.perf_counter() - t_all
+    return {"shape": list(shape), "mask": "i.i.d. speckle", "tumor_voxels": int(np.count_nonzero(tumor)),
+            "lesions": len(rows), "seconds": seconds, "parts": parts}
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
@@ -474,7 +529,7 @@ def run_benchmark(
 
     Returns:
         A JSON-ready dict: ``machine``, ``settings``, ``models`` (one row each),
-        ``ratios`` (``mfcnet_over_unet`` or None), ``attention``, ``prepare``, ``predict``.
+        ``ratios`` (``mfcnet_over_unet`` or None), ``attention``, ``prepare``, ``predict``, ``write``.
 
     Raises:
         HepasegError: an unknown model name or a non-positive setting.
@@ -541,6 +596,9 @@ def run_benchmark(
             None if predict_shape is None else tuple(predict_shape), size=size, batch=batch, width=predict_width,
             device=dev, work=work,
         )
+        write_shape = tuple(predict_shape) if predict_shape is not None else IRCADB_SHAPE
+        say(f"write step: speckled mask on a phantom {write_shape}")
+        result["write"] = _bench_write(write_shape, work)
     return result
 
 
@@ -613,5 +671,10 @@ def benchmark_tables(result: dict[str, Any]) -> list:
         f"{q['inference_slices_per_s']:.1f} slices/s (read {t['read']:.1f} s, inference {t['inference']:.1f} s, "
         f"write {t['write']:.1f} s)",
     )
+    w = result.get("write")
+    if w is not None:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in w["parts"].items())
+        pipe.add_row("predict write step", f"{w['mask']} of {w['tumor_voxels']:,} voxels on "
+                     f"{' x '.join(map(str, w['shape']))} ({w['lesions']:,} lesions)", _fmt(w["seconds"]), parts)
     tables.append(pipe)
     return tables
