@@ -116,12 +116,16 @@ def prepare_command(
     roi_margin: Annotated[float, typer.Option(help="Margin around the liver box with --roi liver, mm.")] = 10.0,
     overwrite: Annotated[bool, typer.Option(help="Replace a previous prepare output at --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    workers: Annotated[
+        int, typer.Option(help="Processes preparing cases side by side (same output; one volume in memory each).")
+    ] = 1,
 ) -> None:
     """Window, resize and select axial slices of CT volumes into a slice dataset with a patient-level split."""
     from hepaseg.data.prepare import prepare  # imports torch: keep `hepaseg --help` fast
 
     lo_hi = _parse_floats(window, "--window", 2)
     z = _parse_floats(z_split, "--z-split", 3)
+    report: dict = {}
     prepare(
         sources,
         out,
@@ -139,7 +143,13 @@ def prepare_command(
         overwrite=overwrite,
         progress=progress,
         console=console,
+        workers=workers,
+        report=report,
     )  # prints the per-case table
+    peaks = [mb for mb in report["peak_rss_mb"].values() if mb is not None]
+    if workers > 1 and peaks:
+        console.print(f"{workers} workers, {report['seconds']:.1f} s; peak memory per worker: "
+                      + ", ".join(f"{mb:,.0f} MB" for mb in peaks))
 
 
 @app.command("sample")

@@ -16,6 +16,9 @@
 * ``hepaseg prepare`` throughput: a phantom CT written as NIfTI to a temp dir,
   prepared at ``size`` with every slice kept (reading, windowing, resizing and the
   compressed shard write included);
+* ``hepaseg prepare --workers 2`` against one worker on a four-case LiTS-layout phantom set
+  (each case half the prepare phantom's slices): slices/s of both (the workers' start-up
+  included), the speed-up, peak memory per worker and whether the outputs are identical;
 * end-to-end ``hepaseg predict`` seconds (:func:`~hepaseg.inference.pipeline.predict_case`,
   checkpoint load + read + inference + writing every output) of an UNTRAINED
   width-32 MFCNet checkpoint in the real checkpoint format (its 1 x 1 head set to a
@@ -101,6 +104,8 @@ MEMORY_METHOD = {
 IRCADB_SHAPE = (129, 512, 512)
 IRCADB_SPACING = (1.6, 0.57, 0.57)
 QUICK_VOLUME_SHAPE = (16, 512, 512)
+#: Cases of the multi-case prepare set (each half the prepare phantom's slices).
+PREPARE_CASES = 4
 #: Benchmark data options: the paper's 224 x 224 slices with one neighbour slice on each side.
 BENCH_WINDOW = (-200.0, 250.0)
 BENCH_CONTEXT_SLICES = 1
@@ -399,6 +404,41 @@ def _bench_prepare(shape: tuple[int, int, int], size: int, work: Path) -> dict[s
             "seconds": seconds, "slices_per_s": n / seconds}
 
 
+def _bench_prepare_workers(n_cases: int, shape: tuple[int, int, int], size: int, work: Path,
+                           workers: int = 2) -> dict[str, Any]:
+    """``prepare`` of an ``n_cases`` LiTS-layout phantom set with 1 and with ``workers`` processes, side
+    by side: slices/s of each (worker start-up included), the speed-up, each run's peak memory per
+    worker, and whether the two outputs are byte for byte the same."""
+    from rich.console import Console
+
+    from hepaseg.data.phantom import write_phantom_dataset
+    from hepaseg.data.prepare import prepare
+
+    src = work / "prepare_multi_src"
+    write_phantom_dataset(src, "lits", n_cases=n_cases, shape=shape, spacing=IRCADB_SPACING)
+    runs = {}
+    for n in (1, workers):
+        report: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        manifest = prepare(
+            src, work / f"prepared_w{n}", window=BENCH_WINDOW, size=size, slices="all",
+            context_slices=BENCH_CONTEXT_SLICES, split=(1.0, 0.0, 0.0), progress=False,
+            console=Console(file=io.StringIO()), workers=n, report=report,
+        )
+        seconds = time.perf_counter() - t0
+        peaks = [mb for mb in report["peak_rss_mb"].values() if mb is not None]
+        runs[n] = {"seconds": seconds, "slices_per_s": int(manifest["n_slices"]) / seconds,
+                   "peak_rss_mb_per_worker": peaks}
+    same = all(
+        a.read_bytes() == (work / f"prepared_w{workers}" / a.relative_to(work / "prepared_w1")).read_bytes()
+        for a in sorted((work / "prepared_w1").rglob("*")) if a.is_file()
+    )
+    return {"source": "phantom (NIfTI, LiTS layout)", "cases": n_cases, "shape": list(shape), "size": size,
+            "slices": int(manifest["n_slices"]), "workers": workers, "one": runs[1], "many": runs[workers],
+            "speedup": runs[1]["seconds"] / runs[workers]["seconds"], "identical_output": same,
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+
+
 def _bench_predict(
     shape: tuple[int, int, int] | None, *, size: int, batch: int, width: int, device: torch.device, work: Path,
 ) -> dict[str, Any]:
@@ -529,7 +569,8 @@ def run_benchmark(
 
     Returns:
         A JSON-ready dict: ``machine``, ``settings``, ``models`` (one row each),
-        ``ratios`` (``mfcnet_over_unet`` or None), ``attention``, ``prepare``, ``predict``, ``write``.
+        ``ratios`` (``mfcnet_over_unet`` or None), ``attention``, ``prepare``, ``prepare_workers``,
+        ``predict``, ``write``.
 
     Raises:
         HepasegError: an unknown model name or a non-positive setting.
@@ -590,6 +631,9 @@ def run_benchmark(
         work = Path(tmp)
         say(f"prepare: phantom {prepare_shape[0]} x {prepare_shape[1]} x {prepare_shape[2]} at {size}")
         result["prepare"] = _bench_prepare(tuple(prepare_shape), size, work)
+        multi_shape = (max(8, prepare_shape[0] // 2), prepare_shape[1], prepare_shape[2])
+        say(f"prepare: {PREPARE_CASES} phantoms {' x '.join(map(str, multi_shape))} with 1 and 2 workers")
+        result["prepare_workers"] = _bench_prepare_workers(PREPARE_CASES, multi_shape, size, work)
         volume = "3D-IRCADb-sized volume" if predict_shape is None else f"phantom {predict_shape}"
         say(f"predict: untrained width-{predict_width} mfcnet, {volume}")
         result["predict"] = _bench_predict(
@@ -663,6 +707,15 @@ def benchmark_tables(result: dict[str, Any]) -> list:
         pipe.add_column(col, justify="left" if col in ("step", "input") else "right")
     pipe.add_row("prepare", f"{p['source']} {' x '.join(map(str, p['shape']))} -> {p['size']}",
                  _fmt(p["seconds"]), f"{p['slices_per_s']:.1f} slices/s")
+    m = result.get("prepare_workers")
+    if m is not None:
+        for n, run in ((1, m["one"]), (m["workers"], m["many"])):
+            rss = ", ".join(f"{mb:,.0f}" for mb in run["peak_rss_mb_per_worker"])
+            pipe.add_row(f"prepare --workers {n}",
+                         f"{m['cases']} x {' x '.join(map(str, m['shape']))} -> {m['size']} ({m['cores']} cores)",
+                         _fmt(run["seconds"]), f"{run['slices_per_s']:.1f} slices/s (peak MB per worker: {rss})")
+        pipe.add_row(f"  {m['workers']} workers / 1", "identical output" if m["identical_output"] else
+                     "OUTPUT DIFFERS", "", f"{m['speedup']:.2f}x")
     t = q["timings"]
     pipe.add_row(
         "predict (end to end)",
