@@ -711,6 +711,8 @@ def prepare(
         console: where the progress bar and summary table go (default: stdout).
         workers: processes preparing cases side by side (default 1: this process). The output
             is byte for byte the same for any number; each worker holds one volume at a time.
+            Workers are spawned: a script calling this with ``workers > 1`` needs the usual
+            ``if __name__ == "__main__":`` guard.
         report: when given, filled with ``workers``, ``seconds`` (cases only: reading to shards)
             and ``peak_rss_mb`` (``{pid: MB}``: each worker's peak resident memory, or this
             process's with one worker, its whole life so far).
