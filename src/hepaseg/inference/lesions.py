@@ -131,16 +131,20 @@ def lesion_table(
         affine_arr = np.asarray(affine, dtype=np.float64)
         homogeneous = np.c_[centroid_idx[:, ::-1], np.ones(n + 1)]  # (x, y, z, 1): NIfTI index order
         centroid_ras = (homogeneous @ affine_arr.T)[:, :3]
+    # Python lists once, not numpy scalars per row: 10^4 speckle lesions cost milliseconds, not a second.
+    vox, cmm, diam_l, best_l, first_l, last_l = (a.tolist() for a in (voxels, centroid_mm, best_diam, best_z,
+                                                                      first_z, last_z))
+    cras = None if centroid_ras is None else centroid_ras.tolist()
     rows = [
         {
-            "voxels": int(voxels[lab]),
-            "volume_ml": float(voxels[lab] * voxel_ml),
-            "centroid_mm": centroid_mm[lab].tolist(),
-            "centroid_ras": None if centroid_ras is None else centroid_ras[lab].tolist(),
-            "max_axial_diameter_mm": float(best_diam[lab]),
-            "diameter_slice": int(best_z[lab]),
-            "first_slice": int(first_z[lab]),
-            "last_slice": int(last_z[lab]),
+            "voxels": vox[lab],
+            "volume_ml": float(vox[lab] * voxel_ml),
+            "centroid_mm": cmm[lab],
+            "centroid_ras": None if cras is None else cras[lab],
+            "max_axial_diameter_mm": diam_l[lab],
+            "diameter_slice": best_l[lab],
+            "first_slice": first_l[lab],
+            "last_slice": last_l[lab],
         }
         for lab in range(1, n + 1)
     ]
