@@ -634,9 +634,11 @@ def _run_cases(case_paths, cases_dir: Path, opts: _CaseOptions, workers: int, on
 
     ``on_done(path, case_id)`` is called for each case in ``case_paths`` order (it may raise).
 
-    ``workers == 1`` runs in this process; more start that many spawned processes, each one case at
-    a time (memory: one volume per worker). Results are gathered in case order and the FIRST
-    failing case in that order raises, so the outcome never depends on which worker ran first.
+    ``workers == 1`` runs in this process. With more, this process is one worker and starts
+    ``workers - 1`` spawned helpers; cases are handed out in order, one at a time to each (memory:
+    one volume per worker), and this process starts on the first case at once instead of waiting
+    for the helpers to import torch. Results are gathered in case order and the FIRST failing case
+    in that order raises, so the outcome never depends on which worker ran first.
     """
     if workers == 1:
         results = []
@@ -646,22 +648,80 @@ def _run_cases(case_paths, cases_dir: Path, opts: _CaseOptions, workers: int, on
             on_done(path, case_id)
         return results, {os.getpid(): _peak_rss_mb()}
     threads = max(1, _usable_cores() // workers)
+    helpers = workers - 1
+    n = len(case_paths)
+    # outcome per case index: ("ok", (case_id, entries, pid, peak)) or ("error", exception)
+    outcomes: dict[int, tuple[str, Any]] = {}
+    results: list = []
+    peaks: dict[int, float | None] = {}
+    main_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     # spawn, not fork: a forked child of a process that already ran torch's OpenMP pool can hang.
     context = multiprocessing.get_context("spawn")
-    results, peaks = [], {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                             initargs=(threads,)) as pool:
-        futures = [pool.submit(_prepare_case_in_worker, path, cases_dir, opts) for path in case_paths]
-        try:
-            for path, future in zip(case_paths, futures):
-                case_id, entries, pid, peak = future.result()
-                results.append((path, case_id, entries))
-                peaks[pid] = peak if peaks.get(pid) is None else max(peak, peaks[pid])
-                on_done(path, case_id)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise  # leaving the with-block waits for running cases before the caller removes tmp
+    try:
+        with ProcessPoolExecutor(max_workers=helpers, mp_context=context, initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
+            inflight: dict[int, Any] = {}
+            state = {"next": 0, "emitted": 0, "failed": False}
+
+            def refill() -> None:
+                # One queued case beyond the running ones, so a helper never waits for this process.
+                while not state["failed"] and len(inflight) < 2 * helpers and state["next"] < n:
+                    i = state["next"]
+                    state["next"] += 1
+                    inflight[i] = pool.submit(_prepare_case_in_worker, case_paths[i], cases_dir, opts)
+
+            def harvest(block: bool) -> None:
+                for i, future in list(inflight.items()):
+                    if block or future.done():
+                        try:
+                            outcomes[i] = ("ok", future.result())
+                        except Exception as exc:  # noqa: BLE001 - re-raised in case order below
+                            outcomes[i] = ("error", exc)
+                        del inflight[i]
+
+            def emit() -> None:
+                # on_done in case order for the finished prefix; stop dispatching at a failure.
+                while state["emitted"] in outcomes:
+                    i = state["emitted"]
+                    kind, value = outcomes[i]
+                    if kind == "error":
+                        state["failed"] = True
+                        return
+                    case_id, entries, pid, peak = value
+                    try:
+                        on_done(case_paths[i], case_id)
+                    except Exception as exc:  # noqa: BLE001 - e.g. a duplicate case id
+                        outcomes[i] = ("error", exc)
+                        state["failed"] = True
+                        return
+                    results.append((case_paths[i], case_id, entries))
+                    peaks[pid] = peak if peaks.get(pid) is None else max(peak, peaks[pid])
+                    state["emitted"] += 1
+
+            try:
+                refill()
+                while not state["failed"] and state["next"] < n:
+                    i = state["next"]  # this process takes the next case itself
+                    state["next"] += 1
+                    try:
+                        case_id, entries = _prepare_case(case_paths[i], cases_dir, opts)
+                        outcomes[i] = ("ok", (case_id, entries, os.getpid(), _peak_rss_mb()))
+                    except Exception as exc:  # noqa: BLE001 - re-raised in case order below
+                        outcomes[i] = ("error", exc)
+                    harvest(block=False)
+                    emit()
+                    refill()
+                harvest(block=True)
+                emit()
+            except BaseException:
+                for future in inflight.values():
+                    future.cancel()
+                raise  # leaving the with-block waits for running cases before the caller removes tmp
+    finally:
+        torch.set_num_threads(main_threads)
+    if state["emitted"] < n:
+        raise outcomes[state["emitted"]][1]  # the first failing case in case order
     return results, peaks
 
 
@@ -709,10 +769,10 @@ def prepare(
         overwrite: replace a previous prepare output at ``out``.
         progress: show a progress bar over volumes.
         console: where the progress bar and summary table go (default: stdout).
-        workers: processes preparing cases side by side (default 1: this process). The output
-            is byte for byte the same for any number; each worker holds one volume at a time.
-            Workers are spawned: a script calling this with ``workers > 1`` needs the usual
-            ``if __name__ == "__main__":`` guard.
+        workers: processes preparing cases side by side (default 1: this process; with more,
+            this process and ``workers - 1`` spawned helpers). The output is byte for byte the
+            same for any number; each worker holds one volume at a time. A script calling this
+            with ``workers > 1`` needs the usual ``if __name__ == "__main__":`` guard (spawn).
         report: when given, filled with ``workers``, ``seconds`` (cases only: reading to shards)
             and ``peak_rss_mb`` (``{pid: MB}``: each worker's peak resident memory, or this
             process's with one worker, its whole life so far).
