@@ -531,6 +531,12 @@ def write_shard(path: Path, **arrays: np.ndarray) -> None:
         for name, array in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
             info.compress_type = zipfile.ZIP_DEFLATED
+            # A ZipInfo we build does not inherit the ZipFile's level (zipfile would use zlib's default
+            # 6): set it, under its public name (Python >= 3.13) and its older private one.
+            if hasattr(info, "compress_level"):  # pragma: no cover - Python >= 3.13
+                info.compress_level = SHARD_COMPRESSLEVEL
+            else:
+                info._compresslevel = SHARD_COMPRESSLEVEL
             info.external_attr = 0o644 << 16  # -rw-r--r-- for unzip; numpy writes the same
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)

@@ -17,7 +17,7 @@
   prepared at ``size`` with every slice kept (reading, windowing, resizing and the
   compressed shard write included);
 * ``hepaseg prepare --workers 2`` against one worker on a four-case LiTS-layout phantom set
-  (each case half the prepare phantom's slices): slices/s of both (the workers' start-up
+  (each case the size of the prepare phantom): slices/s of both (the helper's start-up
   included), the speed-up, peak memory per worker and whether the outputs are identical;
 * end-to-end ``hepaseg predict`` seconds (:func:`~hepaseg.inference.pipeline.predict_case`,
   checkpoint load + read + inference + writing every output) of an UNTRAINED
@@ -104,7 +104,7 @@ MEMORY_METHOD = {
 IRCADB_SHAPE = (129, 512, 512)
 IRCADB_SPACING = (1.6, 0.57, 0.57)
 QUICK_VOLUME_SHAPE = (16, 512, 512)
-#: Cases of the multi-case prepare set (each half the prepare phantom's slices).
+#: Cases of the multi-case prepare set (each the size of the prepare phantom).
 PREPARE_CASES = 4
 #: Benchmark data options: the paper's 224 x 224 slices with one neighbour slice on each side.
 BENCH_WINDOW = (-200.0, 250.0)
@@ -631,7 +631,7 @@ def run_benchmark(
         work = Path(tmp)
         say(f"prepare: phantom {prepare_shape[0]} x {prepare_shape[1]} x {prepare_shape[2]} at {size}")
         result["prepare"] = _bench_prepare(tuple(prepare_shape), size, work)
-        multi_shape = (max(8, prepare_shape[0] // 2), prepare_shape[1], prepare_shape[2])
+        multi_shape = tuple(prepare_shape)
         say(f"prepare: {PREPARE_CASES} phantoms {' x '.join(map(str, multi_shape))} with 1 and 2 workers")
         result["prepare_workers"] = _bench_prepare_workers(PREPARE_CASES, multi_shape, size, work)
         volume = "3D-IRCADb-sized volume" if predict_shape is None else f"phantom {predict_shape}"
