@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hepaseg.io import CANONICAL_DESCRIPTION
+
 __all__ = ["make_tiny_dataset"]
 
 
@@ -65,6 +67,7 @@ def make_tiny_dataset(
         "options": {"window": [-100, 200], "size": size, "slices": "all", "context_slices": context_slices,
                     "split": None, "split_file": None, "seed": seed, "z_split": None},
         "demo_z_split": False,
+        "orientation": CANONICAL_DESCRIPTION,
         "cases": cases,
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from _tiny_data import make_tiny_dataset
 from hepaseg.cli import app
-from hepaseg.data.augment import AUGMENT_FAMILIES, ZScored, build_augmentation
+from hepaseg.data.augment import AUGMENT_FAMILIES, LIVER_ENHANCEMENT_HU, LiverEnhancement, ZScored, build_augmentation
 from hepaseg.data.dataset import SliceDataset
 from hepaseg.errors import HepasegError
 from hepaseg.training import TrainConfig
@@ -159,6 +159,87 @@ def test_synthetic_tumours_in_the_dataset(tiny):
     assert ds._geometry["case00"] == ((1.0, 1.0), 2.0)
 
 
+def _liver_slice(size: int = 96):
+    """Liver disc (label 1, 115 HU) with a tumour (label 2, 75 HU) in fat (-100 HU); window -200..250."""
+    yy, xx = np.mgrid[:size, :size]
+    label = np.zeros((size, size), np.uint8)
+    label[(yy - 48) ** 2 + (xx - 48) ** 2 < 36**2] = 1
+    label[(yy - 48) ** 2 + (xx - 58) ** 2 < 10**2] = 2
+    hu = np.choose(label, [-100.0, 115.0, 75.0])
+    image = ((hu + 200.0) / 450.0).astype(np.float32)[None].repeat(3, 0)
+    return image, label
+
+
+def test_liver_enhancement_shifts_parenchyma_and_part_of_the_lesion():
+    image, label = _liver_slice()
+    enh = LiverEnhancement(1.0, window=(-200.0, 250.0), pixel_mm=1.0)
+    # away from the blurred edges (1 mm sigma, truncated at 3 sigma): pure parenchyma, lesion, background
+    liver, lesion, rest = (ndimage_erosion(label == v, 4) for v in (1, 2, 0))
+    signs = set()
+    for seed in range(30):
+        out, info = enh(image, label, np.random.default_rng(seed))
+        delta, share = info["shift_hu"], info["lesion_share"]
+        assert LIVER_ENHANCEMENT_HU[0] <= delta <= LIVER_ENHANCEMENT_HU[1] and 0.0 <= share <= 1.0
+        change = (out - image) * 450.0
+        np.testing.assert_allclose(change[:, liver], delta, atol=0.01)
+        np.testing.assert_allclose(change[:, lesion], share * delta, atol=0.01)
+        assert np.abs(change[:, rest]).max() < 1e-3  # the rest of the slice is untouched
+        # the lesion-to-liver contrast (75 - 115 = -40 HU) moves by (share - 1) * delta
+        contrast = np.median((out[1] * 450 - 200)[label == 2]) - np.median((out[1] * 450 - 200)[label == 1])
+        assert contrast == pytest.approx(-40.0 + (share - 1.0) * delta, abs=0.5)
+        signs.add(np.sign(round(contrast)))
+    assert signs >= {-1.0, 1.0}  # "darker than the liver" is no longer always true
+    fixed = LiverEnhancement(1.0, window=(-200.0, 250.0), shift_hu=(-50.0, -50.0), lesion_share=(0.0, 0.0))
+    out, _ = fixed(image, label, np.random.default_rng(0))
+    assert np.median((out[1] - image[1])[label == 1]) * 450 == pytest.approx(-50.0, abs=0.01)
+
+
+def ndimage_erosion(mask: np.ndarray, r: int) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), iterations=r)  # Chebyshev distance > r
+
+
+def test_liver_enhancement_off_no_liver_and_bad_arguments():
+    image, label = _liver_slice()
+    copy = image.copy()
+    off = LiverEnhancement(0.0, window=(-200.0, 250.0))
+    out, info = off(image, label, np.random.default_rng(0))
+    assert info is None and np.array_equal(out, image)
+    out, info = LiverEnhancement(1.0, window=(-200.0, 250.0))(image, np.zeros_like(label), np.random.default_rng(0))
+    assert info is None and np.array_equal(out, image)  # no liver in the slice: nothing to shift
+    half = LiverEnhancement(0.5, window=(-200.0, 250.0))
+    drawn = sum(half(image, label, np.random.default_rng(s))[1] is not None for s in range(40))
+    assert 10 <= drawn <= 30
+    np.testing.assert_array_equal(image, copy)  # input never modified
+    for kwargs, name in (({"prob": 2.0}, "prob"), ({"prob": 1.0, "shift_hu": (10, -10)}, "shift_hu"),
+                         ({"prob": 1.0, "lesion_share": (0.5, 2.0)}, "lesion_share")):
+        with pytest.raises(ValueError, match=name):
+            LiverEnhancement(window=(-200.0, 250.0), **kwargs)
+
+
+def test_families_and_liver_enhancement_in_the_dataset(tiny):
+    plain = SliceDataset(tiny)
+    bright = SliceDataset(tiny, synthetic_tumors=1.0, synthetic_families=("hyper",), seed=0)
+    grew = 0
+    for i in range(len(bright)):
+        (x, m), (x0, m0) = bright[i], plain[i]
+        new = ((m > 0) & (m0 == 0))[0].numpy()
+        if new.any():
+            grew += 1
+            assert float(np.median((x - x0)[1].numpy()[new])) > 0  # painted lesions are brighter
+    assert grew >= 3
+    enh = SliceDataset(tiny, liver_enhancement=1.0, liver_enhancement_hu=(-40.0, -40.0), seed=0)
+    _, labels = _raw(tiny)
+    for i in range(len(enh)):
+        (x, m), (x0, m0) = enh[i], plain[i]
+        assert torch.equal(m, m0)  # labels unchanged
+        liver = ndimage_erosion(labels[i] == 1, 4)
+        if liver.any():
+            # the tiny data's window is 400 HU wide or less: -40 HU is at least 0.1 in window units
+            assert float((x - x0)[1].numpy()[liver].max()) < -0.05
+
+
 def test_determinism_given_seed_and_epoch(tiny):
     options = {"augment": "nnunet", "synthetic_tumors": 0.5, "crop": 24, "tumor_crop_fraction": 0.5}
     a, b = SliceDataset(tiny, seed=5, **options), SliceDataset(tiny, seed=5, **options)
@@ -215,6 +296,18 @@ def test_config_checks_new_options(tmp_path):
         TrainConfig(**base, synthetic_tumors=2.0)
     with pytest.raises(HepasegError, match="--crop"):
         TrainConfig(**base, crop=0)
+    assert TrainConfig(**base).synthetic_families == ["hypo"]  # Hu et al.; configs written before it
+    assert TrainConfig.from_dict({**base}).liver_enhancement == 0.0
+    with pytest.raises(HepasegError, match="--synthetic-family.*'bright'"):
+        TrainConfig(**base, synthetic_families=["hypo", "bright"])
+    with pytest.raises(HepasegError, match="--synthetic-family"):
+        TrainConfig(**base, synthetic_families=[])
+    with pytest.raises(HepasegError, match="--liver-enhancement"):
+        TrainConfig(**base, liver_enhancement=1.5)
+    from hepaseg.cli import _families
+
+    assert _families(None) == ["hypo"] and _families(["hyper, iso", "rim"]) == ["hyper", "iso", "rim"]
+    assert _families(["all"]) == ["hypo", "iso", "hyper", "rim", "deposit"]
 
 
 def test_tiny_training_run_records_calibration(tiny, tmp_path):
@@ -222,7 +315,8 @@ def test_tiny_training_run_records_calibration(tiny, tmp_path):
     args = ["train", "--data", str(tiny), "--model", "unet", "--width", "4", "--out", str(run),
             "--max-epochs", "2", "--batch-size", "4", "--precision", "32", "--no-progress",
             "--synthetic-tumors", "0.5", "--augment", "nnunet", "--no-aug", "noise", "--loss", "dice_topk",
-            "--crop", "24", "--tumor-crop-fraction", "0.5"]
+            "--crop", "24", "--tumor-crop-fraction", "0.5",
+            "--synthetic-family", "hypo,hyper", "--synthetic-family", "rim", "--liver-enhancement", "0.5"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     saved = json.loads((run / "config.json").read_text())
@@ -234,6 +328,12 @@ def test_tiny_training_run_records_calibration(tiny, tmp_path):
     calibration = saved["synthetic_calibration"]
     assert calibration["contrast_hu"] < 0 and not calibration["calibrated"]
     assert calibration["source"].startswith("paper")
+    assert (config["synthetic_families"], config["liver_enhancement"]) == (["hypo", "hyper", "rim"], 0.5)
+    assert config["liver_enhancement_hu"] == [-60.0, 20.0]
+    from hepaseg.training import read_checkpoint
+
+    recorded = read_checkpoint(run / "last.ckpt")["hepaseg"]["config"]
+    assert recorded["synthetic_families"] == ["hypo", "hyper", "rim"] and recorded["liver_enhancement"] == 0.5
     assert (run / "last.ckpt").is_file()
-    too_big = CliRunner().invoke(app, args[:-4] + ["--crop", "64", "--overwrite"])
+    too_big = CliRunner().invoke(app, args[:-10] + ["--crop", "64", "--overwrite"])
     assert too_big.exit_code == 1 and "--crop" in too_big.output

@@ -76,7 +76,7 @@ def make_scene() -> tuple[Volume, dict[str, np.ndarray]]:
     for name in ("near", "far"):
         image[parts[name]] = 100.0
     image[parts["fake_liver"]] = 150.0
-    affine = np.diag([SPACING[2], SPACING[1], SPACING[0], 1.0])
+    affine = np.diag([-SPACING[2], -SPACING[1], SPACING[0], 1.0])  # canonical LPS: read back unchanged
     volume = Volume(image=image, spacing=SPACING, affine=affine, label=label, case_id="scene", kind="lits")
     return volume, parts
 
@@ -446,7 +446,8 @@ def test_predict_case_cascade_writes_liver_mask_lits_labels_and_both_metrics(lit
     result = predict_case(lits_dir / "volume-0.nii.gz", out, checkpoint=tumor_ckpt, liver_checkpoint=liver_ckpt,
                           labels="lits", device="cpu", progress=False)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["tumor_mask.nii.gz", "liver_mask.nii.gz", "lesions.csv", "lesions.json", "overlay.png", "metrics.json"]
+        [".hepaseg-output.json", "tumor_mask.nii.gz", "liver_mask.nii.gz", "lesions.csv", "lesions.json",
+         "overlay.png", "metrics.json"]
     )
     np.testing.assert_array_equal(_nifti_zyx(out / "liver_mask.nii.gz"), (volume.label > 0).astype(np.uint8))
     expected = np.where(_expected_tumor(parts) > 0, 2, np.where(volume.label > 0, 1, 0))

@@ -156,8 +156,9 @@ def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path) -> None:
     out = tmp_path / "mine"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
+    (tmp_path / "sample").mkdir()
     with pytest.raises(HepasegError, match=f"no {re.escape(DEMO_MARKER)} marker"):
-        run_demo(out, sample_dir=tmp_path, **TINY)
+        run_demo(out, sample_dir=tmp_path / "sample", **TINY)
     assert (out / "thesis.tex").read_text() == "precious"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--minutes", "0.1"])
     assert result.exit_code == 1
@@ -177,9 +178,13 @@ def test_demo_rejects_bad_options(tmp_path: Path, kwargs: dict, match: str) -> N
 
 
 def test_demo_sample_dir_must_hold_the_sample(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
     with pytest.raises(HepasegError, match="img_117.mrc"):
-        run_demo(tmp_path / "d", sample_dir=tmp_path, **TINY)
+        run_demo(tmp_path / "d", sample_dir=tmp_path / "empty", **TINY)
     assert not (tmp_path / "d").exists()
+    with pytest.raises(HepasegError, match="--out is inside the input"):  # never written into the sample folder
+        run_demo(tmp_path / "empty" / "d", sample_dir=tmp_path / "empty", **TINY)
+    assert list((tmp_path / "empty").iterdir()) == []
 
 
 @pytest.mark.realdata

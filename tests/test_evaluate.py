@@ -129,9 +129,10 @@ def test_batch_size_does_not_change_results(trained, tmp_path):
 
 def test_threshold_changes_predictions(trained):
     data, ckpt = trained
-    everything = evaluate_checkpoint(ckpt, data, threshold=0.0, write=False)
-    nothing = evaluate_checkpoint(ckpt, data, threshold=1.0, write=False)
-    # p > 0 holds almost everywhere (recall 1); p > 1 never (precision 0 on tumour slices).
+    everything = evaluate_checkpoint(ckpt, data, threshold=1e-9, write=False)
+    nothing = evaluate_checkpoint(ckpt, data, threshold=1 - 1e-7, write=False)
+    # p > 1e-9 holds almost everywhere (recall 1); p > 1 - 1e-7 almost never. (0 and 1 themselves are
+    # refused: one rule, 0 < t < 1, for every command.)
     assert everything.summary["recall"] == pytest.approx(1.0)
     assert nothing.summary["recall"] < 0.2 and nothing.summary["dice"] < 0.2
 
@@ -198,8 +199,9 @@ def test_bad_inputs(trained, tmp_path):
         evaluate_checkpoint(tmp_path / "none.ckpt", data)
     with pytest.raises(HepasegError, match="--split"):
         evaluate_checkpoint(ckpt, data, split="testing")
-    with pytest.raises(HepasegError, match="--threshold"):
-        evaluate_checkpoint(ckpt, data, threshold=1.5)
+    for threshold in (1.5, 0.0, 1.0, -0.1, float("nan")):
+        with pytest.raises(HepasegError, match=r"--threshold: expected a probability with 0 < t < 1"):
+            evaluate_checkpoint(ckpt, data, threshold=threshold)
     with pytest.raises(HepasegError, match="--batch"):
         evaluate_checkpoint(ckpt, data, batch=0)
     # A split whose only cases are unlabelled has nothing to score.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -248,8 +249,14 @@ def test_predict_case_end_to_end_with_labels(lits_case, tmp_path):
     out = tmp_path / "out"
     result = predict_case(lits_case, out, checkpoint=ckpt, batch=4, progress=False)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["tumor_mask.nii.gz", "lesions.csv", "lesions.json", "overlay.png", "metrics.json"]
+        [".hepaseg-output.json", "tumor_mask.nii.gz", "lesions.csv", "lesions.json", "overlay.png", "metrics.json"]
     )
+    assert json.loads((out / ".hepaseg-output.json").read_text())["command"] == "predict"
+    # Issue 9, item 7: the folder gets the user's normal permissions (not mkdtemp's 0700), like the files.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / "lesions.csv").stat().st_mode & 0o777 == 0o666 & ~umask
     source = nib.load(lits_case)
     written = nib.load(out / "tumor_mask.nii.gz")
     assert written.shape == source.shape
@@ -291,19 +298,46 @@ def test_unlabelled_input_writes_no_metrics_and_lits_mode_is_refused(plain_case,
     assert not (tmp_path / "out2").exists()
 
 
-def test_out_dir_with_other_files_is_refused_unless_overwrite(plain_case, tmp_path):
+def test_out_dir_with_other_files_is_refused_even_with_overwrite(plain_case, tmp_path):
     ckpt = write_checkpoint(tmp_path / "m.ckpt")
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(HepasegError, match=r"already holds files \(notes.txt\).*--overwrite"):
-        predict_case(plain_case, out, checkpoint=ckpt, progress=False)
+    for overwrite in (False, True):  # issue 9, item 1: --overwrite replaces only hepaseg's own outputs
+        with pytest.raises(HepasegError, match=r"holds files hepaseg did not write \(notes.txt;.*delete or move"):
+            predict_case(plain_case, out, checkpoint=ckpt, overwrite=overwrite, progress=False)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    predict_case(plain_case, out, checkpoint=ckpt, progress=False)  # an existing EMPTY folder is fine
+    with pytest.raises(HepasegError, match=r"already holds an earlier `hepaseg predict` output.*--overwrite"):
+        predict_case(plain_case, out, checkpoint=ckpt, progress=False)
+    (out / "stale.txt").write_text("inside hepaseg's own output")
     predict_case(plain_case, out, checkpoint=ckpt, overwrite=True, progress=False)
-    assert not (out / "notes.txt").exists() and (out / "tumor_mask.nii.gz").is_file()
-    # An existing EMPTY folder is fine.
-    (tmp_path / "empty").mkdir()
-    predict_case(plain_case, tmp_path / "empty", checkpoint=ckpt, progress=False)
+    assert not (out / "stale.txt").exists() and (out / "tumor_mask.nii.gz").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt", "out"]  # no temporary or .old left
+
+
+def test_overwrite_never_deletes_an_input(tmp_path):
+    # Issue 9, item 1: `cp -r case x; hepaseg predict x --out x --overwrite` deleted the input CT.
+    case_dir = tmp_path / "x"
+    (case,) = write_phantom_dataset(case_dir, "lits", n_cases=1, shape=SHAPE, seed=3, n_tumors=1)
+    ckpt = write_checkpoint(tmp_path / "m.ckpt")
+    link = tmp_path / "link"
+    link.symlink_to(case_dir)
+    before = {p: p.read_bytes() for p in case_dir.iterdir()}
+    for source, out, relation in ((case, case_dir, "contains"), (case, tmp_path, "contains"),
+                                  (case_dir, case_dir / "pred", "is inside"), (case, link, "contains"),
+                                  (link, case_dir, "is"), (case, case, "is"), (case, tmp_path / "m.ckpt", "is")):
+        with pytest.raises(HepasegError, match=rf"--out {relation} the input"):
+            predict_case(source, out, checkpoint=ckpt, overwrite=True, progress=False)
+    assert {p: p.read_bytes() for p in case_dir.iterdir()} == before
+    # A folder hepaseg did not write is never replaced, however it is named (`--out ~`).
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("keep")
+    with pytest.raises(HepasegError, match="hepaseg did not write"):
+        predict_case(case, home, checkpoint=ckpt, overwrite=True, progress=False)
+    assert (home / ".bashrc").read_text() == "keep"
 
 
 def _write_raw(path: Path, image: np.ndarray) -> Path:
@@ -354,3 +388,63 @@ def test_cli_predict_prints_lesions_and_paths(lits_case, tmp_path):
         app, ["predict", str(lits_case), "--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]
     )
     assert res.exit_code == 1 and "error:" in res.output and "--overwrite" in res.output
+
+
+_SLOW_WRITER = """
+import pathlib, sys, time
+import hepaseg.inference.pipeline as pipeline
+real, flag = pipeline.draw_overlay, pathlib.Path(sys.argv[1])
+
+def slow(*args, **kwargs):  # the overlay is drawn inside the temporary output folder: stop there
+    real(*args, **kwargs)
+    flag.write_text("writing")
+    time.sleep(120)
+
+pipeline.draw_overlay = slow
+from hepaseg.cli import app
+sys.argv = ["hepaseg", *sys.argv[2:]]
+app()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("earlier_output", [False, True])
+def test_sigterm_during_predict_leaves_no_temporary_folder(lits_case, tmp_path, earlier_output):
+    # Issue 9, item 6: SIGTERM while predict writes left a hidden temp folder with a partial mask.
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt = write_checkpoint(tmp_path / "m.ckpt")
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    args = ["predict", str(lits_case), "--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]
+    if earlier_output:  # an --overwrite that is stopped keeps the earlier output as it was
+        assert CliRunner().invoke(app, args).exit_code == 0
+        args.append("--overwrite")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} if out.exists() else None
+    script, flag = tmp_path / "slow.py", tmp_path / "writing.flag"
+    script.write_text(_SLOW_WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), str(flag), *args], text=True, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "predict did not reach the writing step in 120 s"
+            time.sleep(0.05)
+        assert any(p.name.startswith(".out.") for p in work.iterdir())  # the temporary folder exists now
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: SIGTERM: stopped") and "Traceback" not in stderr
+    assert [p.name for p in work.iterdir()] == (["out"] if earlier_output else [])  # no temporary left
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} if out.exists() else None
+    assert after == before

@@ -23,7 +23,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from hepaseg.errors import HepasegError
-from hepaseg.io import Volume, find_cases, read_volume, write_image_nifti, write_label_nifti
+from hepaseg.io import DicomOptions, Volume, find_cases, read_volume, write_image_nifti, write_label_nifti
 
 # --------------------------------------------------------------------------------------------
 # helpers that write tiny files
@@ -308,17 +308,27 @@ def test_dicom_series_sorting_rescale_geometry(tmp_path):
     (folder / "README.txt").write_text("not a DICOM file")  # stray files are skipped
     vol = read_volume(folder)
     assert (vol.kind, vol.case_id, vol.label) == ("dicom", "series", None)
-    assert vol.shape == (NSLICES, ROWS, COLS)  # non-square slices are allowed
+    # The series as stacked (the source's own voxel order): this oblique, coronal-ish series is
+    # reoriented to the canonical orientation, and to_source gives the stack back.
+    stack = vol.to_source(vol.image)
+    assert stack.shape == (NSLICES, ROWS, COLS)  # non-square slices are allowed
     for k in range(NSLICES):  # slice k holds 100 k + 10 r + c, rescaled
-        np.testing.assert_array_equal(vol.image[k], SLOPE * _stored(k) + INTERCEPT)
-    np.testing.assert_allclose(vol.spacing, (STEP, 0.8, 0.6), rtol=1e-6)  # step, not SliceThickness=5
+        np.testing.assert_array_equal(stack[k], SLOPE * _stored(k) + INTERCEPT)
+    source_spacing = (STEP, 0.8, 0.6)  # step, not SliceThickness=5
+    np.testing.assert_allclose(sorted(vol.spacing), sorted(source_spacing), rtol=1e-6)
 
-    # Hand-computed world positions (LPS -> RAS) of voxel (0,0,0) and the far corner.
-    np.testing.assert_allclose(_world(vol.affine, (0, 0, 0)), _ras_of(_oblique_ipp(0)), atol=1e-6)
+    # Hand-computed world positions (LPS -> RAS) of voxel (0,0,0) and the far corner of the stack.
+    source_affine = vol.source_geometry.affine
+    np.testing.assert_allclose(_world(source_affine, (0, 0, 0)), _ras_of(_oblique_ipp(0)), atol=1e-6)
     far_lps = _oblique_ipp(NSLICES - 1) + (COLS - 1) * 0.6 * OBLIQUE_X + (ROWS - 1) * 0.8 * OBLIQUE_Y
     np.testing.assert_allclose(
-        _world(vol.affine, (COLS - 1, ROWS - 1, NSLICES - 1)), _ras_of(far_lps), atol=1e-6
+        _world(source_affine, (COLS - 1, ROWS - 1, NSLICES - 1)), _ras_of(far_lps), atol=1e-6
     )
+    # The canonical affine places every canonical voxel where the stack's affine places it.
+    probe = np.zeros(vol.shape, bool)
+    probe[1, 2, 3] = True
+    (src_zyx,) = np.argwhere(vol.to_source(probe))
+    np.testing.assert_allclose(_world(vol.affine, (3, 2, 1)), _world(source_affine, src_zyx[::-1]), atol=1e-6)
 
 
 def test_write_label_nifti_geometry_dicom_source(tmp_path):
@@ -332,16 +342,14 @@ def test_write_label_nifti_geometry_dicom_source(tmp_path):
 
     img = nib.load(str(out))
     assert img.get_data_dtype() == np.uint8
-    np.testing.assert_allclose(img.affine, vol.affine, atol=1e-5)
+    np.testing.assert_allclose(img.affine, vol.source_geometry.affine, atol=1e-5)  # the series' own geometry
     data = np.asanyarray(img.dataobj)  # (x, y, z)
-    assert data.shape == (COLS, ROWS, NSLICES)
-    # the labelled voxels sit at the world positions computed by hand from IPP/IOP
-    for value, lps in (
-        (1, _oblique_ipp(0)),
-        (2, _oblique_ipp(NSLICES - 1) + (COLS - 1) * 0.6 * OBLIQUE_X + (ROWS - 1) * 0.8 * OBLIQUE_Y),
-    ):
+    assert data.shape == (COLS, ROWS, NSLICES)  # the series' own voxel order
+    # the labelled voxels sit where the canonical volume's affine puts them
+    zc, yc, xc = (s - 1 for s in vol.shape)
+    for value, canonical_xyz in ((1, (0, 0, 0)), (2, (xc, yc, zc))):
         (ijk,) = np.argwhere(data == value)
-        np.testing.assert_allclose(_world(img.affine, ijk), _ras_of(lps), atol=1e-4)
+        np.testing.assert_allclose(_world(img.affine, ijk), _world(vol.affine, canonical_xyz), atol=1e-4)
 
     # read back through hepaseg: same grid
     back = read_volume(out)
@@ -388,7 +396,8 @@ def test_dicom_dominant_series_ignores_scout_and_non_image_files(tmp_path):
     vol = read_volume(folder)
     assert vol.shape == (5, ROWS, COLS)
     np.testing.assert_array_equal(vol.image[4], _stored(4))
-    assert vol.meta["ignored_series"] == {"1.2.826.0.1.3680043.9.7.99": 1}
+    assert vol.meta["other_series"] == {"1.2.826.0.1.3680043.9.7.99": 1}
+    assert vol.meta["skipped_objects"] == {"object without pixel data": 1}
     np.testing.assert_allclose(vol.spacing[0], 3.0)
 
 
@@ -446,8 +455,9 @@ def test_mrc_pair(tmp_path):
     for path in (tmp_path, tmp_path / "img_9.mrc"):
         vol = read_volume(path)
         assert (vol.kind, vol.case_id) == ("mrc", "lits-9")
-        np.testing.assert_array_equal(vol.image, img)  # MRC axis 0 is z already
-        np.testing.assert_array_equal(vol.label, lab)
+        # The file's arrays are (x, y, z) of the scan (as the LiTS-117 sample): the reader transposes.
+        np.testing.assert_array_equal(vol.image, img.transpose(2, 1, 0))
+        np.testing.assert_array_equal(vol.label, lab.transpose(2, 1, 0))
         assert vol.label.dtype == np.uint8 and vol.spacing == (1.0, 1.0, 1.0)
         assert "nominal 1 mm" in vol.meta["spacing_note"]
     assert find_cases([tmp_path]) == [tmp_path]
@@ -591,10 +601,11 @@ def test_dicom_bad_series(tmp_path):
             (two / f"{uid}_{k}.dcm").write_bytes(
                 _dicom_bytes(_stored(k), ipp=(0, 0, k), series_uid=uid, instance=k)
             )
-    with pytest.raises(
-        HepasegError, match=r"two: holds 2 image series.*1\.2\.3\.100 \(3 files.*1\.2\.3\.200 \(3 files"
-    ):
-        read_volume(two)
+    # Two series of one study, equal in size: no longer refused (issue 10); the choice is explained
+    # (tests/test_dicom_study.py covers the rule); a --series that matches nothing is refused.
+    assert "tied" in read_volume(two).meta["series_choice"]
+    with pytest.raises(HepasegError, match=r"--series '9': matches none in .*two: expected exactly one of"):
+        read_volume(two, dicom=DicomOptions(series="9"))
 
     gap = tmp_path / "gap"
     gap.mkdir()
@@ -668,7 +679,7 @@ def test_realdata_lits117_mrc(lits117_dir):
     assert vol.shape == (128, 128, 128) and vol.spacing == (1.0, 1.0, 1.0)
     assert "spacing_note" in vol.meta
     np.testing.assert_array_equal(np.bincount(vol.label.ravel(), minlength=3), [1_481_801, 485_268, 130_083])
-    assert int((vol.label == 2).any(axis=(1, 2)).sum()) == 128  # axis 0 is the axial axis
+    assert int((vol.label == 2).any(axis=(1, 2)).sum()) == 123  # the last MRC axis is the axial axis
     assert -1100 < vol.image.min() < -1000 and 1800 < vol.image.max() < 1900
     assert find_cases([lits117_dir]) == [lits117_dir]
 
@@ -685,3 +696,15 @@ def test_corrupt_dicom_and_zip(tmp_path):
     zipped.write_bytes(zipped.read_bytes()[:1000])
     with pytest.raises(HepasegError, match=r"PATIENT_DICOM\.zip.*(cannot open zip|cannot read zip entry)"):
         read_volume(patient)
+
+
+def test_mrc_voxel_size_follows_the_transposed_axes(tmp_path):
+    # The file's fastest axis (mrcfile's voxel_size.x) is the scan's z after the transpose.
+    data = np.zeros((4, 5, 6), np.float32)  # (x, y, z) of the scan: 6 axial slices
+    with mrcfile.new(str(tmp_path / "img_3.mrc"), overwrite=True) as m:
+        m.set_data(data)
+        m.voxel_size = (2.5, 0.8, 0.7)  # (x, y, z) of the FILE = (z, y, x) of the scan
+    vol = read_volume(tmp_path / "img_3.mrc", with_label=False)
+    assert vol.shape == (6, 5, 4)
+    assert vol.spacing == pytest.approx((2.5, 0.8, 0.7))
+    assert "spacing_note" not in vol.meta

@@ -27,7 +27,7 @@ def test_volume_fields_and_hu_values():
     assert vol.shape == SHAPE and vol.image.dtype == np.float32 and vol.label.dtype == np.uint8
     assert vol.kind == "phantom" and vol.case_id == "phantom-1"
     # affine maps index (x, y, z) to mm: diag(sx, sy, sz)
-    np.testing.assert_allclose(vol.affine, np.diag([0.9, 0.7, 2.0, 1.0]))
+    np.testing.assert_allclose(vol.affine, np.diag([-0.9, -0.7, 2.0, 1.0]))  # canonical LPS
     assert set(np.unique(vol.label)) == {0, 1, 2}
     assert vol.image[0, 0, 0] == PHANTOM_HU["air"]  # corner is outside the body ellipse
     for value, name in ((1, "liver"), (2, "tumor")):

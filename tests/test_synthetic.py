@@ -11,7 +11,11 @@ import pytest
 from scipy import ndimage
 
 from hepaseg.data.synthetic import (
+    DEPOSIT_CONTRAST_HU,
+    FAMILIES,
+    FAMILY_CONTRAST_HU,
     PAPER_DARKENING_HU,
+    RIM_CONTRAST_HU,
     TEXTURE_GAIN,
     SyntheticTumors,
     calibrated_darkening,
@@ -175,6 +179,84 @@ def test_bad_arguments():
         SyntheticTumors(0.5, window=WINDOW, pixel_mm=0)
     with pytest.raises(ValueError, match="contrast_hu"):
         SyntheticTumors(0.5, window=WINDOW, contrast_hu=(100, 50))
+
+
+# --- lesion families ------------------------------------------------------------------------------
+
+
+def _one_lesion(family: str, seed: int, size: str = "medium"):
+    """Paint one lesion of ``family`` into a uniform 115 HU liver (0.7 in the window) at 1 mm pixels."""
+    image, label = _phantom(200, liver_radius=0.48, tumor=False, channels=1)
+    st = SyntheticTumors(1.0, window=WINDOW, pixel_mm=1.0, sizes=(size,), count=(1, 1), families=(family,))
+    out, lab, info = st.paint(image, label, np.random.default_rng(seed))
+    interior = ndimage.binary_erosion(label == 1, _disc(2))
+    new = lab == 2
+    clipped = bool((new & ~interior).any())  # cut by the liver's border: not the lesion's own size
+    return (out[0] - image[0]) * 450.0, new, info, clipped  # change in HU, painted pixels
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_paints_requested_sign_and_size(family):
+    sizes_ok = 0
+    for seed in range(8):
+        change, new, info, clipped = _one_lesion(family, seed)
+        assert info is not None and info["family"] == family and info["size"] == "medium"
+        assert new.sum() > 0
+        c = info["contrast_hu"]
+        median = float(np.median(change[new]))
+        if family == "hypo":
+            assert -145.0 <= c <= -65.0 and median < -10.0  # the paper's darkening, ~0.4 D
+        elif family in ("iso", "hyper"):
+            lo, hi = FAMILY_CONTRAST_HU[family]
+            assert lo <= c <= hi
+            assert median == pytest.approx(c, abs=0.05)  # the requested median contrast, exactly
+            if family == "hyper":
+                assert median >= 15.0 and (change[new] > 0).mean() > 0.9  # brighter than the liver
+            else:
+                assert abs(median) <= 10.05
+        elif family == "rim":
+            width = info["rim_width_mm"]
+            ring = new & ~ndimage.binary_erosion(new, _disc(max(1, int(width))))
+            core = ndimage.binary_erosion(new, _disc(int(math.ceil(width)) + 2))
+            assert RIM_CONTRAST_HU[0] <= abs(info["rim_hu"]) <= RIM_CONTRAST_HU[1]
+            assert np.sign(info["rim_hu"]) == -np.sign(c) and 5.0 <= abs(c) <= 30.0  # opposite signs
+            assert np.sign(np.median(change[ring])) == np.sign(info["rim_hu"])
+            assert abs(np.median(change[ring])) > 0.5 * abs(info["rim_hu"])
+            assert np.sign(np.median(change[core])) == np.sign(c)
+        elif family == "deposit":
+            assert DEPOSIT_CONTRAST_HU[0] <= info["deposit_hu"] <= DEPOSIT_CONTRAST_HU[1]
+            dense = change[new] > 100.0  # deposits are >= 130 HU above the liver (or at the window's top)
+            assert abs(dense.mean() - info["deposit_fraction"]) < 0.15
+            if dense.mean() < 0.8:
+                assert np.median(change[new][~dense]) < 0  # the rest is the necrotic, darker core
+        # size: the painted area matches the drawn semi-axes (the elastic warp moves it a little)
+        ry, rx, _ = info["lesions"][0]["semi_axes_mm"]
+        assert 12.0 <= ry <= 20.0 and 12.0 <= rx <= 20.0  # medium: 0.75-1.25 x 16 mm
+        if not clipped:
+            sizes_ok += 1
+            assert 0.7 < new.sum() / (math.pi * ry * rx) < 1.4, (new.sum(), ry, rx)
+    assert sizes_ok >= 4
+
+
+def test_families_are_drawn_per_sample_and_hypo_alone_is_the_old_stream():
+    image, label = _phantom(tumor=False)
+    mixed = SyntheticTumors(1.0, window=WINDOW, pixel_mm=1.0, families=FAMILIES)
+    seen = {mixed.paint(image, label, np.random.default_rng(s))[2]["family"] for s in range(40)}
+    assert seen == set(FAMILIES)
+    default = SyntheticTumors(1.0, window=WINDOW, pixel_mm=1.0)
+    hypo = SyntheticTumors(1.0, window=WINDOW, pixel_mm=1.0, families=("hypo",))
+    for s in range(3):
+        a, b = default(image, label, np.random.default_rng(s)), hypo(image, label, np.random.default_rng(s))
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    bright = SyntheticTumors(1.0, window=WINDOW, pixel_mm=1.0, families=("hyper",), sizes=("small",))
+    out, lab, info = bright.paint(image, label, np.random.default_rng(0))
+    changed = (out != image).any(axis=0)
+    assert not (changed & (label != 1)).any()  # still painted inside the liver only
+    with pytest.raises(ValueError, match="families"):
+        SyntheticTumors(1.0, window=WINDOW, families=("bright",))
+    with pytest.raises(ValueError, match="families"):
+        SyntheticTumors(1.0, window=WINDOW, families=())
 
 
 # --- calibration ---------------------------------------------------------------------------------

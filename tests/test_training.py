@@ -69,20 +69,39 @@ def test_same_seed_same_weights(tiny_data, tmp_path):
 
 
 def test_run_directory_refused_then_overwritten(tiny_data, tmp_path):
+    # Issue 9, item 2: a folder that merely holds a file named like a run file is not a run.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    (mine / "last.ckpt").write_text("not a checkpoint")
+    (mine / "notes.txt").write_text("mine")
+    (mine / "sub").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(HepasegError, match=r"mine: --out holds files hepaseg did not write.*delete or move"):
+            train(_config(tiny_data, mine, overwrite=overwrite))
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "last.ckpt", "notes.txt", "sub"]
+    assert (mine / "notes.txt").read_text() == "mine"  # refused before touching anything
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text("{}")
-    (run / "notes.txt").write_text("mine")
-    with pytest.raises(HepasegError, match=r"run: already holds a run \(config.json\).*--resume.*--overwrite"):
-        train(_config(tiny_data, run))
-    assert (run / "notes.txt").read_text() == "mine"  # refused before touching anything
     with pytest.raises(HepasegError, match=r"last.ckpt: not found: --resume"):
         train(_config(tiny_data, run, resume=True))
     with pytest.raises(HepasegError, match="--resume and --overwrite"):
         _config(tiny_data, run, resume=True, overwrite=True)
-    result = train(_config(tiny_data, run, overwrite=True, max_epochs=1))
+    first = train(_config(tiny_data, run, max_epochs=1))
+    assert json.loads((run / ".hepaseg-output.json").read_text())["command"] == "train"
+    with pytest.raises(HepasegError, match=r"run: already holds a run \(config.json, last.ckpt.*--resume.*--overwrite"):
+        train(_config(tiny_data, run, max_epochs=1))
+    (run / "notes.txt").write_text("inside a hepaseg run folder")
+    result = train(_config(tiny_data, run, overwrite=True, max_epochs=1, seed=3))
     assert not (run / "notes.txt").exists() and result.last_checkpoint.is_file()
     assert (run / "config.json").is_file() and (run / "result.json").is_file()
+    assert first.run_dir == run and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]  # nothing aside
+
+
+def test_run_inside_or_around_the_data_is_refused(tiny_data, tmp_path):
+    for out in (tiny_data, tiny_data / "run", tiny_data.parent):
+        with pytest.raises(HepasegError, match=r"--out (is|is inside|contains) the input"):
+            train(_config(tiny_data, out, overwrite=True))
+    assert sorted(p.name for p in tiny_data.iterdir()) == ["cases", "manifest.json"]
 
 
 def test_bad_inputs_name_the_option(tiny_data, tmp_path):
@@ -113,6 +132,31 @@ def test_nan_loss_stops_naming_the_step(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "build_loss", lambda name: NanAfterTwo())
     with pytest.raises(HepasegError, match=r"training loss: not finite.*got nan at step 2 \(epoch 0, batch 2\)"):
         train(_config(tiny_data, tmp_path / "run"))
+    # Issue 9, item 8: a run that failed before its first checkpoint leaves nothing behind, so a
+    # plain re-run is not refused.
+    assert list(tmp_path.iterdir()) == []
+    NanAfterTwo.calls = -10**6  # finite from now on
+    assert train(_config(tiny_data, tmp_path / "run", max_epochs=1)).last_checkpoint.is_file()
+
+
+def test_overwrite_that_fails_at_step_0_puts_the_earlier_run_back(tiny_data, tmp_path, monkeypatch):
+    import hashlib
+    import importlib
+
+    train_module = importlib.import_module("hepaseg.training.train")
+    run = tmp_path / "run"
+    train(_config(tiny_data, run, max_epochs=1))
+    before = {p.relative_to(run): hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+
+    class Nan(torch.nn.Module):
+        def forward(self, logits, target):
+            return logits.float().mean() * float("nan")
+
+    monkeypatch.setattr(train_module, "build_loss", lambda name: Nan())
+    with pytest.raises(HepasegError, match="training loss: not finite"):
+        train(_config(tiny_data, run, overwrite=True))
+    after = {p.relative_to(run): hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+    assert after == before and [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
 def test_time_budget_stops_and_saves(tiny_data, tmp_path):
@@ -192,3 +236,41 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_data, tmp_path):
     # The resumed invocation logged only the new epochs, in a new CSV version.
     epochs = {int(r["epoch"]) for r in _metrics(run, version=1) if r["epoch"]}
     assert epochs == {epoch + 1, epoch + 2}
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_checkpoint_and_resume_finishes(tiny_data, tmp_path):
+    # Issue 9, item 6: SLURM preemption, `timeout` and `docker stop` send SIGTERM; the run must save
+    # last.ckpt and `--resume` must continue it to the end, no step repeated or lost.
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "hepaseg.cli", "train", "--data", str(tiny_data), "--model", "unet",
+            "--width", "4", "--out", str(run), "--batch-size", "2", "--precision", "32", "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*base, "--max-epochs", "500"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "last.ckpt").exists():  # training is under way (epoch 0 saved)
+            assert proc.poll() is None, "training exited before writing last.ckpt"
+            assert time.monotonic() < deadline, "no last.ckpt after 120 s"
+            time.sleep(0.05)
+        time.sleep(0.3)  # somewhere in a later epoch, usually mid-epoch
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert "stopped by SIGTERM" in errors[0] and str(run / "last.ckpt") in errors[0] and "--resume" in errors[0]
+    stopped = torch.load(run / "last.ckpt", weights_only=True)
+    step = stopped["global_step"]
+    assert 6 <= step < 500 * 6  # after epoch 0 (6 steps of 2 slices), long before the end
+    epochs = step // 6 + 2
+    done = subprocess.run([*base, "--resume", "--max-epochs", str(epochs)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = torch.load(run / "last.ckpt", weights_only=True)
+    assert final["global_step"] == epochs * 6  # every step of every epoch exactly once
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing set aside or half-written

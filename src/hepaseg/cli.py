@@ -2,13 +2,16 @@
 
 Each command parses its options and calls one library function of the matching
 stage package; user errors (:class:`hepaseg.errors.HepasegError`) become a
-one-line ``error: ...`` on stderr and exit status 1.
+one-line ``error: ...`` on stderr and exit status 1 (143 after SIGTERM, 130 after Ctrl-C).
 """
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path  # noqa: F401
 from typing import Annotated, Optional  # noqa: F401  (Optional: typer needs it on 3.11 for some types)
 
@@ -16,7 +19,7 @@ import typer
 from rich.console import Console
 
 from hepaseg import __version__
-from hepaseg.errors import HepasegError
+from hepaseg.errors import HepasegError, HepasegWarning, Terminated
 
 app = typer.Typer(
     name="hepaseg",
@@ -29,18 +32,104 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM handler while a command runs: unwind like an error, so temporary outputs are removed."""
+    raise Terminated(
+        f"{signal.Signals(signum).name}: stopped by a termination signal (SLURM, timeout, docker stop): expected "
+        "the command to run to its end. Nothing half-written was left; rerun the command to finish",
+        signum,
+    )
+
+
 def user_errors(fn):
-    """Turn HepasegError (and OSError on user paths) into a one-line error and exit 1."""
+    """Turn HepasegError (and OSError on a named path, and Ctrl-C) into one ``error:`` line and a non-zero exit.
+
+    While the command runs, SIGTERM raises :class:`hepaseg.errors.Terminated` (exit 143), so every
+    ``except``/``finally`` that removes a temporary output runs (``train`` handles it itself:
+    it saves ``last.ckpt`` for ``--resume``).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", HepasegWarning)
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except HepasegError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]error:[/] interrupted (Ctrl-C): expected the command to run to its end. "
+                              "Nothing half-written was left; rerun the command to finish", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(130) from None
+        except OSError as exc:
+            if not exc.filename:
+                raise  # not about a path the user gave: a bug, keep the traceback
+            err_console.print(f"[bold red]error:[/] {exc.filename}: {exc.strerror or type(exc).__name__}: expected a "
+                              "readable input / writable output path. Check the path, its permissions and the free "
+                              "disk space", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     return wrapper
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """HepasegWarning (an odd DICOM image left out, ...) as one ``warning: ...`` line on stderr."""
+    if issubclass(category, HepasegWarning):
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+# --- DICOM options shared by the commands that read CT (prepare, predict, evaluate, explain, info) ---
+SeriesOption = Annotated[
+    Optional[str],
+    typer.Option("--series", help="DICOM: series to use: SeriesInstanceUID, SeriesNumber or description text "
+                                  "(default: the axial CT series with the most images)."),
+]
+SegOption = Annotated[
+    Optional[list[Path]], typer.Option("--seg", help="DICOM-SEG file with the labels of a single DICOM case.")
+]
+SegLabelsOption = Annotated[
+    Optional[str],
+    typer.Option("--seg-labels", help='DICOM-SEG segment names per role, e.g. "liver=Liver;tumor=Mass,Lesion".'),
+]
+
+
+def _dicom_options(series: str | None, seg: list[Path] | None, seg_labels: str | None):
+    """The DicomOptions of --series/--seg/--seg-labels (validated), or None when none is given."""
+    if series is None and not seg and seg_labels is None:
+        return None
+    from hepaseg.io import DicomOptions
+
+    return DicomOptions(series=series, seg=tuple(seg or ()), seg_labels=seg_labels).check()
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """The running command as a shell line, rebuilt from its parsed options (so it is exact
+    whatever called it: a shell, ``python -m``, a test runner)."""
+    import shlex
+
+    parts = ["hepaseg", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or param.name == "version":
+            continue
+        if param.param_type_name == "argument":
+            parts.append(str(value))
+        elif isinstance(value, bool):
+            parts.append(param.opts[0] if value else (param.secondary_opts or param.opts)[0])
+        else:
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                parts += [param.opts[0], str(item)]
+    return shlex.join(parts)
 
 
 def _print_trained_and_written(result) -> None:
@@ -119,6 +208,9 @@ def prepare_command(
     workers: Annotated[
         int, typer.Option(help="Processes preparing cases side by side (same output; one volume in memory each).")
     ] = 1,
+    series: SeriesOption = None,
+    seg: SegOption = None,
+    seg_labels: SegLabelsOption = None,
 ) -> None:
     """Window, resize and select axial slices of CT volumes into a slice dataset with a patient-level split."""
     from hepaseg.data.prepare import prepare  # imports torch: keep `hepaseg --help` fast
@@ -145,6 +237,7 @@ def prepare_command(
         console=console,
         workers=workers,
         report=report,
+        dicom=_dicom_options(series, seg, seg_labels),
     )  # prints the per-case table
     peaks = [mb for mb in report["peak_rss_mb"].values() if mb is not None]
     if workers > 1 and peaks:
@@ -177,6 +270,71 @@ def sample_command(
         if f.is_file() and not f.name.startswith("."):
             table.add_row(f.name, f"{f.stat().st_size:,}")
     console.print(table)
+
+
+@app.command("info")
+@user_errors
+def info_command(
+    path: Annotated[Path, typer.Argument(help="A case or a folder of cases: DICOM study, LiTS, MSD, NIfTI, ...")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON, not tables.")] = False,
+    series: SeriesOption = None,
+    seg: SegOption = None,
+    seg_labels: SegLabelsOption = None,
+) -> None:
+    """Show what PATH holds: cases, DICOM series (which one is used and why), SEG objects, label counts."""
+    import json
+
+    from rich.table import Table
+
+    from hepaseg.io.info import describe_path
+
+    info = describe_path(path, dicom=_dicom_options(series, seg, seg_labels))
+    if json_output:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for case in info["cases"]:
+        size = "" if case["shape"] is None else (
+            f": {' x '.join(map(str, case['shape']))} voxels (z, y, x) at "
+            f"{' x '.join(f'{v:g}' for v in case['spacing_mm'])} mm")
+        console.print(f"[bold]{case['case_id'] or case['path']}[/] ({case['kind']}, {case['path']}){size}",
+                      highlight=False, soft_wrap=True)
+        dicom = case.get("dicom")
+        if dicom:
+            table = Table(title="series")
+            for col in ("used", "#", "description", "mod.", "images", "step; pixel mm", "plane", "phase / time"):
+                table.add_column(col, overflow="fold")
+            for s in dicom["series"]:
+                pixel = "x".join(f"{v:g}" for v in s["pixel_spacing_mm"]) if s["pixel_spacing_mm"] else "?"
+                step = "-" if s["slice_step_mm"] is None else f"{s['slice_step_mm']:g}"
+                kind = "localiser" if s["localizer"] else s["orientation"]
+                when = " ".join(v for v in (s["phase"], s["contrast"] and f"contrast {s['contrast']}", s["time"]) if v)
+                table.add_row("*" if s["used"] else "", "-" if s["number"] is None else str(s["number"]),
+                              s["description"], s["modality"], str(s["images"]), f"{step}; {pixel}", kind,
+                              when or "-")
+            console.print(table)
+            for s in dicom["series"]:  # on their own lines, never cut: a UID is what --series takes
+                console.print(f"  #{'-' if s['number'] is None else s['number']} {s['uid']}", highlight=False,
+                              soft_wrap=True)
+            console.print(f"used: {dicom['chosen'] or 'none'}: {dicom['choice']}", highlight=False, soft_wrap=True)
+            for seg_info in dicom["segs"]:
+                segments = ", ".join(f"{x['number']} {x['label']!r}->{x['role'] or 'ignored'}"
+                                     for x in seg_info["segments"])
+                console.print(f"SEG {seg_info['file']} ({'used' if seg_info['used'] else 'not used'}): {segments}; "
+                              f"references {', '.join(seg_info['references']) or 'nothing'}",
+                              highlight=False, soft_wrap=True)
+            if dicom["skipped"]:
+                console.print("skipped: " + ", ".join(f"{n} {what}" for what, n in dicom["skipped"].items()),
+                              highlight=False)
+        if case["label_counts"] is not None:
+            c = case["label_counts"]
+            console.print(f"labels (voxels): background {c['background']:,}, liver {c['liver']:,}, "
+                          f"tumour {c['tumor']:,}", highlight=False)
+        elif case["error"] is None:
+            console.print("labels: none", highlight=False)
+        for w in case["warnings"]:
+            console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        if case["error"] is not None:
+            console.print(f"[red]error:[/] {case['error']}", highlight=False, soft_wrap=True)
 
 
 # [cli:data]
@@ -216,6 +374,14 @@ def models_command(
 
 
 # --- training commands (train) --------------------------------------------------------------
+def _families(values: list[str] | None) -> list[str]:
+    """``--synthetic-family`` values (repeated and/or comma-separated; ``all``) as a list; default hypo."""
+    from hepaseg.data.synthetic import FAMILIES
+
+    names = [v.strip().lower() for value in values or ["hypo"] for v in value.split(",") if v.strip()]
+    return list(FAMILIES) if "all" in names else names
+
+
 @app.command("train")
 @user_errors
 def train_command(
@@ -246,6 +412,14 @@ def train_command(
     ] = None,
     synthetic_tumors: Annotated[
         float, typer.Option(help="Probability per slice of painting synthetic tumours (Hu et al. 2023).")
+    ] = 0.0,
+    synthetic_family: Annotated[
+        Optional[list[str]],
+        typer.Option("--synthetic-family", help="Synthetic lesion family, repeatable or comma-separated: "
+                     "hypo|iso|hyper|rim|deposit|all (default hypo)."),
+    ] = None,
+    liver_enhancement: Annotated[
+        float, typer.Option(help="Probability per slice of shifting the liver's HU by -60..+20 (phase).")
     ] = 0.0,
     crop: Annotated[Optional[int], typer.Option(help="Training crop size in pixels (default: whole slices).")] = None,
     tumor_crop_fraction: Annotated[
@@ -290,6 +464,8 @@ def train_command(
             augment=False if no_augment else augment,
             aug_off=list(no_aug or []),
             synthetic_tumors=synthetic_tumors,
+            synthetic_families=_families(synthetic_family),
+            liver_enhancement=liver_enhancement,
             crop=crop,
             tumor_crop_fraction=tumor_crop_fraction,
             early_stopping_patience=early_stopping_patience,
@@ -352,6 +528,9 @@ def evaluate_command(
         Optional[Path],
         typer.Option("--liver-checkpoint", help="Liver-stage checkpoint: --volumes runs the cascade, scores both."),
     ] = None,
+    series: SeriesOption = None,
+    seg: SegOption = None,
+    seg_labels: SegLabelsOption = None,
 ) -> None:
     """Score a checkpoint on a prepared split (the paper's Table 1 metrics); --volumes adds 3D metrics in mm."""
     import json
@@ -381,6 +560,7 @@ def evaluate_command(
         vol = evaluate_volumes(
             checkpoint, volumes, batch=batch, threshold=threshold, device=device, out=vol_out,
             progress=not json_output, liver_checkpoint=liver_checkpoint,
+            dicom=_dicom_options(series, seg, seg_labels),
         )
         payload["volumes"] = vol.to_json()
     if json_output:
@@ -547,7 +727,11 @@ def compare_command(
 @app.command("predict")
 @user_errors
 def predict_command(
-    input_path: Annotated[Path, typer.Argument(help="CT case: NIfTI, LiTS, MSD, DICOM folder, 3D-IRCADb, MRC.")],
+    ctx: typer.Context,
+    input_path: Annotated[
+        Path,
+        typer.Argument(help="CT case (NIfTI, LiTS, MSD, DICOM study, 3D-IRCADb, MRC) or a folder of cases (batch)."),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new or empty unless --overwrite).")],
     checkpoint: Annotated[
         Optional[Path], typer.Option("--checkpoint", help="Checkpoint from `hepaseg train` (torch engine).")
@@ -566,8 +750,20 @@ def predict_command(
     model: Annotated[Optional[Path], typer.Option("--model", help="ONNX file from `hepaseg export`.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an --out folder that holds files.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    output_format: Annotated[
+        str, typer.Option("--format", help="nifti | dicom-seg | both (DICOM-SEG: DICOM inputs only).")
+    ] = "nifti",
+    series: SeriesOption = None,
+    seg: SegOption = None,
+    seg_labels: SegLabelsOption = None,
+    report: Annotated[
+        bool, typer.Option("--report", help="Also write OUT/report.html: montage, slice browser, lesions, metrics.")
+    ] = False,
 ) -> None:
-    """Predict liver tumours in one CT case: mask NIfTI, lesion table, overlay PNG (+ metrics if labelled)."""
+    """Predict liver tumours in one CT case: mask NIfTI, lesion table, overlay PNG (+ metrics if labelled).
+
+    A folder of many cases runs them all with the model loaded once: OUT/CASE_ID/... and OUT/summary.csv;
+    rerunning the command resumes (finished cases are skipped unless --overwrite)."""
     from rich.table import Table
 
     from hepaseg.inference import predict_case  # imports torch: keep `hepaseg --help` fast
@@ -578,19 +774,47 @@ def predict_command(
         raise HepasegError("--model: --engine onnx needs the ONNX file from `hepaseg export`, got none")
     if engine == "torch" and checkpoint is None:
         raise HepasegError("--checkpoint: --engine torch needs a checkpoint from `hepaseg train`, got none")
-    result = predict_case(
-        input_path,
-        out,
-        checkpoint=checkpoint,
-        onnx_model=model if engine == "onnx" else None,
-        liver_checkpoint=liver_checkpoint,
-        batch=batch,
-        tta=tta,
-        threshold=threshold,
-        labels=labels,
-        overwrite=overwrite,
-        progress=progress,
-    )
+    dicom = _dicom_options(series, seg, seg_labels)
+    from hepaseg.io import find_cases
+
+    if len(find_cases([input_path])) > 1:
+        if report:
+            raise HepasegError(
+                f"--report: writes the report of one case: expected a single case, got the folder {input_path} of "
+                "several. Run predict on a case to get its report"
+            )
+        _predict_batch(input_path, out, checkpoint=checkpoint, onnx_model=model if engine == "onnx" else None,
+                       liver_checkpoint=liver_checkpoint, batch=batch, tta=tta, threshold=threshold, labels=labels,
+                       output_format=output_format, dicom=dicom, overwrite=overwrite, progress=progress)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HepasegWarning)  # they come back in result.warnings, printed below
+        result = predict_case(
+            input_path,
+            out,
+            checkpoint=checkpoint,
+            onnx_model=model if engine == "onnx" else None,
+            liver_checkpoint=liver_checkpoint,
+            batch=batch,
+            tta=tta,
+            threshold=threshold,
+            labels=labels,
+            overwrite=overwrite,
+            progress=progress,
+            output_format=output_format,
+            dicom=dicom,
+        )
+    if result.settings.get("series"):
+        s = result.settings["series"]
+        console.print(f"series #{s.get('number') if s.get('number') is not None else '-'} "
+                      f"{s.get('description') or 'no description'!r} ({s['uid']}): {s.get('choice')}",
+                      highlight=False, soft_wrap=True)
+    if report:
+        from hepaseg.viz import predict_report
+
+        result.paths["report"] = predict_report(
+            result, Path(out) / "report.html", command=_command_line(ctx),
+            checkpoints=[model if engine == "onnx" else checkpoint], liver_checkpoint=liver_checkpoint)
     table = Table(title=f"{result.case_id}: {len(result.lesions)} lesion(s) ({result.model_name}, {result.engine})")
     for col in ("id", "volume (mL)", "max axial diameter (mm)", "centroid z,y,x (mm)", "slices"):
         table.add_column(col, justify="right")
@@ -623,6 +847,32 @@ def predict_command(
         console.print(f"  {key:<12} {path}", highlight=False, soft_wrap=True)
     t = result.timings
     console.print(f"read {t['read']:.1f} s, inference {t['inference']:.1f} s, write {t['write']:.1f} s")
+
+
+def _predict_batch(input_path: Path, out: Path, **kwargs) -> None:
+    """`hepaseg predict FOLDER`: every case, the model loaded once; a table of the summary."""
+    from rich.table import Table
+
+    from hepaseg.inference import predict_batch
+
+    result = predict_batch(input_path, out, console=err_console, **kwargs)
+    table = Table(title=f"{len(result.rows)} case(s): {len(result.predicted)} predicted, {len(result.skipped)} done "
+                        f"earlier, {len(result.failed)} failed")
+    for col in ("case", "status", "tumour mL", "lesions", "largest mm", "dice", "s"):
+        table.add_column(col, justify="left" if col in ("case", "status") else "right")
+    for row in result.rows:
+        dice = row["dice"]
+        table.add_row(row["case"], row["status"], str(row["tumor_volume_ml"]), str(row["lesion_count"]),
+                      str(row["largest_diameter_mm"]), "" if dice == "" else f"{float(dice):.3f}", str(row["seconds"]))
+    console.print(table)
+    for row in result.rows:
+        if row["status"] == "error":
+            console.print(f"[red]failed:[/] {row['case']}: {row['error']}", highlight=False, soft_wrap=True)
+    rate = "-" if result.cases_per_minute is None else f"{result.cases_per_minute:.1f}"
+    console.print(f"model loaded once in {result.load_seconds:.1f} s; {rate} cases/min; summary: {result.summary_csv}",
+                  highlight=False, soft_wrap=True)
+    if result.failed:
+        raise typer.Exit(1)
 
 
 @app.command("export")
@@ -667,6 +917,9 @@ def explain_command(
             help="Query pixel Y,X in original slice pixels (repeatable); default: one tumour and one background pixel.",
         ),
     ] = None,
+    series: SeriesOption = None,
+    seg: SegOption = None,
+    seg_labels: SegLabelsOption = None,
 ) -> None:
     """Draw the paper's Fig. 1 for one slice: input, truth, prediction, context features and attention."""
     from rich.table import Table
@@ -674,7 +927,8 @@ def explain_command(
     from hepaseg.viz import explain_slice  # imports torch + matplotlib: keep `hepaseg --help` fast
 
     queries = None if not query else [_parse_query(q) for q in query]
-    result = explain_slice(checkpoint, input_path, slice_index, out, queries=queries)
+    result = explain_slice(checkpoint, input_path, slice_index, out, queries=queries,
+                           dicom=_dicom_options(series, seg, seg_labels))
     table = Table(title=f"{result.model_name}: {result.case_id}, slice {result.slice_index}")
     for col in ("query", "original y,x", "input y,x", "chosen by"):
         table.add_column(col)
@@ -721,7 +975,10 @@ def benchmark_command(
 
     from hepaseg.inference.benchmark import benchmark_tables, run_benchmark
     from hepaseg.io.atomic import write_json_atomic
+    from hepaseg.io.outputs import check_output_file
 
+    if out is not None:  # before the (minutes of) measuring
+        check_output_file(out, option="--out")
     names = None if models.strip().lower() == "all" else [m for m in models.replace(" ", "").split(",") if m]
     result = run_benchmark(
         names,
@@ -790,6 +1047,8 @@ def crossval_command(
     collect: Annotated[
         bool, typer.Option("--collect", help="Cluster: tables from the finished runs; names the missing.")
     ] = False,
+    series: SeriesOption = None,
+    seg_labels: SegLabelsOption = None,
 ) -> None:
     """Leave-one-patient-out training and whole-volume scoring: Dice, lesion detection by size, FP rates."""
     from rich.table import Table
@@ -822,6 +1081,7 @@ def crossval_command(
         threshold=threshold,
         val_fraction=val_fraction,
         log=lambda line: console.print(line, highlight=False),
+        dicom=_dicom_options(series, None, seg_labels),
     )
     if _cluster_step(plan, run_index if plan or worker or collect else run_index_from_env(run_index), worker,
                      collect, out,

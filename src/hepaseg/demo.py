@@ -55,6 +55,7 @@ from rich.console import Console
 from hepaseg import __version__
 from hepaseg.errors import HepasegError
 from hepaseg.io.atomic import write_json_atomic
+from hepaseg.io.outputs import OUTPUT_MARKER, check_output_dir, write_output_marker
 
 __all__ = [
     "DEMO_MARKER",
@@ -66,8 +67,9 @@ __all__ = [
     "write_z_block",
 ]
 
-#: File that marks a folder as a demo output (the next demo may replace such a folder).
-DEMO_MARKER = ".hepaseg-demo"
+#: File that marks a folder as a hepaseg output; the next demo replaces a folder whose marker names
+#: the demo (and one with the ``.hepaseg-demo`` marker of earlier versions).
+DEMO_MARKER = OUTPUT_MARKER
 #: Networks the demo trains, in report order (the paper's method and its baseline).
 DEMO_MODELS = ("mfcnet", "unet")
 #: Fractions (train, val, test) of the contiguous z blocks.
@@ -128,28 +130,18 @@ def default_sample_source() -> Path | None:
     return next((c for c in candidates if (c / "img_117.mrc").is_file()), None)
 
 
-def _check_out_dir(out: Path) -> bool:
-    """Refuse an ``out`` that is a file or holds anything but an earlier demo; True: an earlier demo."""
-    if out.exists() and not out.is_dir():
-        raise HepasegError(f"{out}: --out exists and is a file: expected a new directory. Choose another --out.")
-    if not out.is_dir() or not any(out.iterdir()):
-        return False
-    if not (out / DEMO_MARKER).is_file():
-        names = sorted(p.name for p in out.iterdir())
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        raise HepasegError(
-            f"{out}: --out holds other files ({shown}) and no {DEMO_MARKER} marker: expected a new, empty "
-            "or earlier demo directory. Choose another --out; nothing was deleted."
-        )
-    return True
+def _check_out_dir(out: Path, sample_dir: Path | None) -> bool:
+    """Refuse an ``out`` that is a file, holds anything but an earlier demo, or overlaps the sample
+    folder; True: an earlier demo (replaced)."""
+    return check_output_dir(out, command="demo", inputs=[sample_dir], overwrite=True) == "own"
 
 
-def _claim_out_dir(out: Path) -> None:
-    """Create ``out`` (or empty an earlier demo output there) and write the demo marker first."""
-    if _check_out_dir(out):
+def _claim_out_dir(out: Path, sample_dir: Path | None) -> None:
+    """Create ``out`` (or empty an earlier demo output there) and write the marker first."""
+    if _check_out_dir(out, sample_dir):
         shutil.rmtree(out)  # an earlier demo's output (it has our marker): ours to replace
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / DEMO_MARKER, {"format": "hepaseg-demo/1", "hepaseg_version": __version__})
+    write_output_marker(out, "demo")
 
 
 def write_z_block(volume_file: str | os.PathLike, out_dir: str | os.PathLike, z_start: int, z_stop: int) -> Path:
@@ -315,13 +307,13 @@ def run_demo(
             raise HepasegError(f"{option}: invalid value: expected {expected}, got {value!r}.")
     console = console or Console()
     out = Path(out)
-    _check_out_dir(out)  # before anything else, so a wrong --out is the error the user sees
     source = Path(sample_dir) if sample_dir is not None else default_sample_source()
+    _check_out_dir(out, source)  # before anything else, so a wrong --out is the error the user sees
     if sample_dir is not None and not (source / "img_117.mrc").is_file():
         raise HepasegError(
             f"{source}: --sample-dir has no img_117.mrc: expected the folder holding img_117.mrc and lab_117.mrc."
         )
-    _claim_out_dir(out)
+    _claim_out_dir(out, source)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     commands: list[tuple[str, str]] = []

@@ -7,8 +7,10 @@ first use, and kept in memory; DataLoader workers each load what they touch.
 
 Training-time options, applied in this order to the raw shard item (label
 {0, 1, 2}): synthetic tumours (:class:`hepaseg.data.synthetic.SyntheticTumors`,
-``synthetic_tumors`` = probability per item; painted pixels become tumour),
-then a crop (``crop`` pixels square; with probability ``tumor_crop_fraction``
+``synthetic_tumors`` = probability per item, ``synthetic_families`` = which lesion
+families; painted pixels become tumour), then the liver-enhancement shift
+(:class:`hepaseg.data.augment.LiverEnhancement`, ``liver_enhancement`` =
+probability per item), then a crop (``crop`` pixels square; with probability ``tumor_crop_fraction``
 centred on a random pixel of the target (tumour) mask, zero-padded where the
 window leaves the slice, so that pixel is exactly the crop's centre pixel
 ``(crop // 2, crop // 2)``; otherwise a uniformly placed crop inside the slice;
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hepaseg.data.augment import build_augmentation, normalize_augment
+from hepaseg.data.augment import LIVER_ENHANCEMENT_HU, LiverEnhancement, build_augmentation, normalize_augment
 from hepaseg.data.prepare import SPLITS, read_manifest
 from hepaseg.data.synthetic import PAPER_DARKENING_HU, SyntheticTumors
 from hepaseg.errors import HepasegError
@@ -61,6 +63,10 @@ class SliceDataset(Dataset):
         synthetic_contrast_hu: ``(lo, hi)`` darkening range of the synthetic tumours, HU
             (default the paper's (65, 145); :func:`hepaseg.data.synthetic.synthetic_calibration`
             measures one from the data).
+        synthetic_families: lesion families of the synthetic tumours (default ``("hypo",)``; see
+            :data:`hepaseg.data.synthetic.FAMILIES`).
+        liver_enhancement: probability per item of shifting the liver's enhancement (default 0).
+        liver_enhancement_hu: ``(lo, hi)`` HU range of that shift (default (-60, 20)).
         crop: training crop size in pixels at the prepared resolution (default None: whole slice).
         tumor_crop_fraction: share of crops centred on a target pixel, in [0, 1] (needs ``crop``).
 
@@ -90,6 +96,9 @@ class SliceDataset(Dataset):
         aug_off: Sequence[str] = (),
         synthetic_tumors: float = 0.0,
         synthetic_contrast_hu: Sequence[float] = PAPER_DARKENING_HU,
+        synthetic_families: Sequence[str] = ("hypo",),
+        liver_enhancement: float = 0.0,
+        liver_enhancement_hu: Sequence[float] = LIVER_ENHANCEMENT_HU,
         crop: int | None = None,
         tumor_crop_fraction: float = 0.0,
     ) -> None:
@@ -146,8 +155,15 @@ class SliceDataset(Dataset):
         self._synthetic = None
         if synthetic_tumors:
             self._synthetic = SyntheticTumors(
-                float(synthetic_tumors), window=self.options["window"], contrast_hu=synthetic_contrast_hu
+                float(synthetic_tumors), window=self.options["window"], contrast_hu=synthetic_contrast_hu,
+                families=synthetic_families,
             )
+        self._enhancement = None
+        if liver_enhancement:
+            self._enhancement = LiverEnhancement(
+                float(liver_enhancement), window=self.options["window"], shift_hu=liver_enhancement_hu
+            )
+        if self._synthetic is not None or self._enhancement is not None:
             # Pixel size at the prepared resolution: original spacing * original size / prepared size.
             self._geometry = {
                 c["id"]: (
@@ -192,6 +208,9 @@ class SliceDataset(Dataset):
             pixel_mm, slice_mm = self._geometry[case_id]
             rng = np.random.default_rng([self.seed, self.epoch, index, 1])
             image_np, label = self._synthetic(image_np, label, rng, pixel_mm=pixel_mm, slice_mm=slice_mm)
+        if self._enhancement is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, index, 3])
+            image_np, _ = self._enhancement(image_np, label, rng, pixel_mm=self._geometry[case_id][0])
         hit = label == 2 if self.target == "tumor" else label > 0
         if self.crop is not None:
             image_np, hit = self._cropped(image_np, hit, np.random.default_rng([self.seed, self.epoch, index, 2]))

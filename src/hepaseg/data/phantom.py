@@ -64,8 +64,9 @@ def make_phantom(
 
     Returns:
         A :class:`Volume`: ``image`` float32 ``(z, y, x)`` HU, ``label`` uint8
-        ``(z, y, x)`` in {0, 1, 2}, ``affine`` = diag(spacing_x, spacing_y,
-        spacing_z) (RAS, index order ``(x, y, z)``), ``kind="phantom"``,
+        ``(z, y, x)`` in {0, 1, 2}, ``affine`` = diag(-spacing_x, -spacing_y,
+        spacing_z) (RAS, index order ``(x, y, z)``: hepaseg's canonical LPS orientation, so
+        reading a written phantom back returns the same arrays), ``kind="phantom"``,
         ``case_id=f"phantom-{seed}"``.
 
     Example::
@@ -135,7 +136,8 @@ def make_phantom(
     label = np.zeros(shape, dtype=np.uint8)
     label[liver] = LABEL_LIVER
     label[tumor] = LABEL_TUMOR
-    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+    # Canonical LPS (columns to the patient's left, rows to posterior): read back unchanged.
+    affine = np.diag([-spacing[2], -spacing[1], spacing[0], 1.0])
     return Volume(
         image=image,
         spacing=spacing,  # type: ignore[arg-type]
@@ -172,7 +174,7 @@ def write_phantom_dataset(
 
     Case ``i`` (0-based) is ``make_phantom(shape, seed=seed + i, ...)``. Images
     are stored as int16 HU (rounded, as scanners store them), labels as uint8,
-    with a RAS affine ``diag(sx, sy, sz)`` in both qform and sform.
+    with the phantom's affine ``diag(-sx, -sy, sz)`` (canonical LPS) in both qform and sform.
 
     Layouts:
         ``lits``: ``root/volume-i.nii.gz`` + ``root/segmentation-i.nii.gz``.

@@ -10,6 +10,7 @@ Prepared dataset format (``hepaseg-slices/1``)
 ----------------------------------------------
 ::
 
+    DIR/.hepaseg-output.json  marker: written by `hepaseg prepare` (only such a DIR is replaced)
     DIR/manifest.json   written LAST, atomically: its presence means the dataset is complete
     {
       "format": "hepaseg-slices/1", "hepaseg_version": "0.1.0",
@@ -20,6 +21,7 @@ Prepared dataset format (``hepaseg-slices/1``)
                   "target": "liver"            (only with --target liver; absent = "tumor"),
                   "roi": "liver", "roi_margin_mm": 10.0   (only with --roi liver; absent = whole slices)},
       "demo_z_split": false,          # true when z_split was used: NOT a patient-level split
+      "orientation": "LPS: ...",      # every case is sliced in this one canonical orientation
       "cases": [ {"id": "ircadb-1.1", "source": "...", "kind": "ircadb",
                   "shape": [z, y, x], "spacing": [z, y, x] (mm),
                   "kept_slices": [original z indices], "n_slices": n,
@@ -27,6 +29,7 @@ Prepared dataset format (``hepaseg-slices/1``)
                   "liver_pixels": <label > 0 pixels (liver incl. tumour) at the prepared size>,
                   "has_label": true (false: unlabelled source, --slices all; label is all 0),
                   "crop_box": null, or with --roi liver [y0, y1, x0, x1] (see below),
+                  "source_axcodes": "LPS", "reoriented": false, "oblique_deg": 0.0,
                   "split": "train" | "val" | "test", "shard": "cases/ircadb-1.1.npz"} ]
     }
     DIR/cases/<id>.npz  (what numpy.savez_compressed writes; deflate level 1, fixed timestamps):
@@ -111,9 +114,7 @@ import math
 import multiprocessing
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Sequence
@@ -136,8 +137,9 @@ from rich.table import Table
 from hepaseg import __version__
 from hepaseg.data.roi import ROI_MODES, crop_slices, liver_crop_box
 from hepaseg.errors import HepasegError
-from hepaseg.io import find_cases, read_volume
-from hepaseg.io.atomic import replace_dir, write_json_atomic
+from hepaseg.io import CANONICAL_DESCRIPTION, DicomOptions, find_cases, read_volume
+from hepaseg.io.atomic import atomic_dir, write_json_atomic
+from hepaseg.io.outputs import check_output_dir, write_output_marker
 from hepaseg.io.volume import LABEL_TUMOR, Volume
 
 __all__ = [
@@ -494,29 +496,6 @@ def _check_label(vol: Volume, where: str) -> None:
         )
 
 
-def _check_out(out: Path, overwrite: bool) -> bool:
-    """Return True when ``out`` holds a previous prepare output that will be replaced."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise HepasegError(
-            f"{out}: --out exists and is a file: expected a new or empty directory. Choose another --out."
-        )
-    if not any(out.iterdir()):
-        return False
-    if not is_prepared_dir(out):
-        raise HepasegError(
-            f"{out}: --out exists and holds other files (no {FORMAT} manifest.json): expected a new or empty "
-            "directory or a previous prepare output. Choose another --out; nothing was written."
-        )
-    if not overwrite:
-        raise HepasegError(
-            f"{out}: --out already holds a prepared dataset: expected a new directory. "
-            "Pass --overwrite to replace it or choose another --out."
-        )
-    return True
-
-
 #: Shard compression: zlib level 1 writes 3x faster than numpy's default (level 6) for 4% more bytes
 #: (float16 slices), and np.load reads any level. A fixed timestamp makes a shard depend on its
 #: content only, so two runs -- with any number of workers -- write the same bytes.
@@ -553,14 +532,22 @@ class _CaseOptions:
     roi: str | None
     roi_margin_mm: float
     z_opts: dict | None
+    dicom: DicomOptions | None = None
 
 
-def _prepare_case(path: Path, cases_dir: Path, opts: _CaseOptions) -> tuple[str, list[dict[str, Any]]]:
-    """Read one case, write its shard(s) into ``cases_dir`` and return ``(case id, manifest entries)``.
+def _prepare_case(path: Path, cases_dir: Path, opts: _CaseOptions) -> tuple[str, list[dict[str, Any]], str | None]:
+    """Read one case, write its shard(s) into ``cases_dir``; return ``(case id, manifest entries, note)``.
 
     The entries' ``split`` is None (or the z block's with ``z_split``); :func:`prepare` assigns it.
+    ``note`` says which series of a DICOM study was used, and why (None for other sources).
     """
-    vol = read_volume(path)  # labels too when the layout has them, even for --slices all
+    vol = read_volume(path, dicom=opts.dicom)  # labels too when the layout has them, even for --slices all
+    note = None
+    if "series_choice" in vol.meta:  # a DICOM study: say which series was used, and why
+        series = vol.meta["series"]
+        number = "-" if series.get("number") is None else series["number"]
+        note = (f"{vol.case_id}: series #{number} {series.get('description') or 'no description'!r}"
+                f" ({series['uid']}): {vol.meta['series_choice']}")
     where = f"{path}"
     if vol.image.ndim != 3:
         raise HepasegError(f"{path}: image: expected a 3D (z, y, x) volume, got shape {vol.image.shape}.")
@@ -603,11 +590,12 @@ def _prepare_case(path: Path, cases_dir: Path, opts: _CaseOptions) -> tuple[str,
                 "liver_pixels": int((label > 0).sum()),
                 "has_label": vol.label is not None,
                 "crop_box": None if box is None else [int(b) for b in box],
+                **(vol.source_geometry.as_dict() if vol.source_geometry is not None else {}),
                 "split": block_split,
                 "shard": shard,
             }
         )
-    return vol.case_id, entries
+    return vol.case_id, entries, note
 
 
 def _peak_rss_mb() -> float | None:
@@ -623,9 +611,8 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _prepare_case_in_worker(path: Path, cases_dir: Path, opts: _CaseOptions) -> tuple[str, list, int, float]:
-    case_id, entries = _prepare_case(path, cases_dir, opts)
-    return case_id, entries, os.getpid(), _peak_rss_mb()
+def _prepare_case_in_worker(path: Path, cases_dir: Path, opts: _CaseOptions) -> tuple:
+    return (*_prepare_case(path, cases_dir, opts), os.getpid(), _peak_rss_mb())
 
 
 def _usable_cores() -> int:
@@ -638,7 +625,7 @@ def _usable_cores() -> int:
 def _run_cases(case_paths, cases_dir: Path, opts: _CaseOptions, workers: int, on_done) -> tuple[list, dict]:
     """``[(path, case_id, entries)]`` in ``case_paths`` order, and ``{pid: peak RSS MB}`` of the workers.
 
-    ``on_done(path, case_id)`` is called for each case in ``case_paths`` order (it may raise).
+    ``on_done(path, case_id, note)`` is called for each case in ``case_paths`` order (it may raise).
 
     ``workers == 1`` runs in this process. With more, this process is one worker and starts
     ``workers - 1`` spawned helpers; cases are handed out in order, one at a time to each (memory:
@@ -649,9 +636,9 @@ def _run_cases(case_paths, cases_dir: Path, opts: _CaseOptions, workers: int, on
     if workers == 1:
         results = []
         for path in case_paths:
-            case_id, entries = _prepare_case(path, cases_dir, opts)
+            case_id, entries, note = _prepare_case(path, cases_dir, opts)
             results.append((path, case_id, entries))
-            on_done(path, case_id)
+            on_done(path, case_id, note)
         return results, {os.getpid(): _peak_rss_mb()}
     threads = max(1, _usable_cores() // workers)
     helpers = workers - 1
@@ -694,9 +681,9 @@ def _run_cases(case_paths, cases_dir: Path, opts: _CaseOptions, workers: int, on
                     if kind == "error":
                         state["failed"] = True
                         return
-                    case_id, entries, pid, peak = value
+                    case_id, entries, note, pid, peak = value
                     try:
-                        on_done(case_paths[i], case_id)
+                        on_done(case_paths[i], case_id, note)
                     except Exception as exc:  # noqa: BLE001 - e.g. a duplicate case id
                         outcomes[i] = ("error", exc)
                         state["failed"] = True
@@ -711,8 +698,8 @@ def _run_cases(case_paths, cases_dir: Path, opts: _CaseOptions, workers: int, on
                     i = state["next"]  # this process takes the next case itself
                     state["next"] += 1
                     try:
-                        case_id, entries = _prepare_case(case_paths[i], cases_dir, opts)
-                        outcomes[i] = ("ok", (case_id, entries, os.getpid(), _peak_rss_mb()))
+                        outcomes[i] = ("ok", (*_prepare_case(case_paths[i], cases_dir, opts), os.getpid(),
+                                              _peak_rss_mb()))
                     except Exception as exc:  # noqa: BLE001 - re-raised in case order below
                         outcomes[i] = ("error", exc)
                     harvest(block=False)
@@ -751,13 +738,15 @@ def prepare(
     console: Console | None = None,
     workers: int = 1,
     report: dict[str, Any] | None = None,
+    dicom: DicomOptions | None = None,
 ) -> dict[str, Any]:
     """Prepare a slice dataset from CT volumes; see the module docstring for the format.
 
     Args:
         sources: files or folders (LiTS, MSD Task03, 3D-IRCADb, NIfTI, DICOM, MRC);
             every case found in them is used.
-        out: output directory: new, empty, or (with ``overwrite``) a previous output.
+        out: output directory: new, empty, or (with ``overwrite``) an earlier prepare output
+            (one carrying :data:`hepaseg.io.OUTPUT_MARKER`); never equal to, inside or around a source.
         window: HU window ``(lo, hi)``, ``lo < hi`` (default ``(-200, 250)``).
         size: slice size in pixels after resizing, > 0 (default 224).
         slices: ``tumor`` | ``liver`` | ``all``; default ``tumor``, or ``all`` with ``target="liver"``.
@@ -782,13 +771,16 @@ def prepare(
         report: when given, filled with ``workers``, ``seconds`` (cases only: reading to shards)
             and ``peak_rss_mb`` (``{pid: MB}``: each worker's peak resident memory, or this
             process's with one worker, its whole life so far).
+        dicom: series choice and SEG labels of DICOM study cases (``--series``, ``--seg`` for a
+            single case, ``--seg-labels``); each study's SEG objects are found in its folder.
 
     Returns:
         The manifest (also written to ``out/manifest.json``).
 
     Raises:
         HepasegError: bad options, missing/empty sources, unreadable or invalid
-            cases, unknown split ids, or an ``out`` that is not ours. On any error
+            cases, unknown split ids, or an ``out`` that is not ours or overlaps a source
+            (checked before any case is read). On any error
             nothing is left at ``out`` (a previous output is kept as it was).
     """
     if target not in PREPARE_TARGETS:
@@ -812,13 +804,14 @@ def prepare(
         slices = "all" if target == "liver" else "tumor"
     (lo, hi), fractions, z_opts = _check_options(window, size, slices, context_slices, split, z_split, split_file)
     out = Path(out)
-    _check_out(out, overwrite)
-    split_path = Path(split_file) if split_file is not None else None
-    file_assignment = _read_split_file(split_path) if split_path is not None else None
-
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     source_paths = [Path(s) for s in sources]
+    split_path = Path(split_file) if split_file is not None else None
+    # Only an earlier prepare output (marker) is replaced, and only with --overwrite.
+    check_output_dir(out, command="prepare", inputs=[*source_paths, split_path], overwrite=overwrite)
+    file_assignment = _read_split_file(split_path) if split_path is not None else None
+
     if not source_paths:
         raise HepasegError("SOURCES: expected at least one file or folder of CT volumes, got none.")
     for src in source_paths:
@@ -830,29 +823,34 @@ def prepare(
         raise HepasegError(
             f"{names}: no CT cases found: expected LiTS, MSD, 3D-IRCADb, NIfTI, DICOM or MRC files. Check the path."
         )
+    if dicom is not None and dicom.seg and len(case_paths) != 1:
+        raise HepasegError(
+            f"--seg: names the SEG files of one case: expected a single case, got {len(case_paths)}. Put each "
+            "case's SEG in its study folder (it is found there)."
+        )
     if z_opts is not None and len(case_paths) != 1:
         raise HepasegError(
             f"--z-split: expected a single-volume source (it splits one patient along z), got {len(case_paths)} cases."
         )
 
     console = console or Console()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset is meant to be shared like any dir
-    try:
+    # Written into a temporary folder beside out and moved into place at the end (an earlier
+    # output is replaced only then), so out is complete or untouched.
+    with atomic_dir(out) as tmp:
+        write_output_marker(tmp, "prepare")
         (tmp / "cases").mkdir()
         cases: list[dict[str, Any]] = []
         seen: dict[str, str] = {}
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         opts = _CaseOptions(window=(lo, hi), size=size, slices=slices, context_slices=context_slices, roi=roi,
-                            roi_margin_mm=roi_margin_mm, z_opts=z_opts)
+                            roi_margin_mm=roi_margin_mm, z_opts=z_opts, dicom=dicom)
         started = time.perf_counter()
         with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
             task = bar.add_task("preparing", total=len(case_paths))
 
-            def done(path: Path, case_id: str) -> None:  # called in case order
+            def done(path: Path, case_id: str, note: str | None) -> None:  # called in case order
+                if note is not None:
+                    console.print(note, highlight=False, soft_wrap=True)
                 if case_id in seen:
                     raise HepasegError(
                         f"{path}: case id {case_id!r} also comes from {seen[case_id]}: "
@@ -907,13 +905,10 @@ def prepare(
                 **({"roi": roi, "roi_margin_mm": roi_margin_mm} if roi is not None else {}),
             },
             "demo_z_split": z_opts is not None,
+            "orientation": CANONICAL_DESCRIPTION,
             "cases": cases,
         }
         write_json_atomic(tmp / "manifest.json", manifest)  # last file written
-        replace_dir(tmp, out)  # out is empty/absent unless overwrite was asked
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     console.print(summary_table(manifest, title=f"prepared slices -> {out}"))
     return manifest
 

@@ -8,15 +8,17 @@ wheel with ``pip download --no-deps`` (never ``pip install``: that package pins
 torch 1.7.1), take the two files out of it with :mod:`zipfile`, check their
 sha256 and write::
 
-    DEST/volume-117.nii.gz        float32 HU, (x, y, z) on disk, affine = identity (1 mm)
+    DEST/volume-117.nii.gz        float32 HU, (x, y, z) on disk, affine diag(-1, -1, 1) (1 mm, LPS)
     DEST/segmentation-117.nii.gz  uint8 {0 background, 1 liver, 2 tumour}
     DEST/sample.json              provenance, nominal-spacing note, sha256 of inputs and outputs
     DEST/LICENSE                  the package's licence, when it ships one
 
 The MRC header carries no voxel size, so the spacing is a NOMINAL 1 mm
-isotropic (volumes and distances in mm/mL are therefore not physical). Axis 0
-of the MRC arrays is the axial axis (tumour in all 128 slices along it), and it
-becomes NIfTI's third (z) axis.
+isotropic (volumes and distances in mm/mL are therefore not physical). The MRC
+arrays are indexed (x, y, z) of the original scan, so their LAST axis is the axial one
+(tumour in 123 axial slices): the NIfTI is written from :func:`hepaseg.io.read_volume`'s
+axial ``(z, y, x)`` arrays with the canonical LPS affine, so a viewer shows axial slices
+with the liver on the image's left and the spine at the bottom.
 """
 
 from __future__ import annotations
@@ -31,12 +33,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import mrcfile
-import nibabel as nib
-import numpy as np
-
 from hepaseg.errors import HepasegError
-from hepaseg.io.atomic import atomic_path, write_json_atomic
+from hepaseg.io import read_volume, write_image_nifti, write_label_nifti
+from hepaseg.io.atomic import write_json_atomic
+from hepaseg.io.outputs import check_apart_from_inputs, check_writable
 
 __all__ = ["LITS117_PACKAGE", "LITS117_SHA256", "SAMPLES", "default_cache_dir", "fetch_lits117"]
 
@@ -146,17 +146,6 @@ def _copy_from(from_dir: Path, staging: Path) -> None:
         shutil.copyfile(from_dir / "LICENSE", staging / "LICENSE")
 
 
-def _write_nifti(array_zyx: np.ndarray, path: Path) -> None:
-    affine = np.eye(4)  # nominal 1 mm isotropic, RAS; the MRC header has no geometry
-    img = nib.Nifti1Image(np.ascontiguousarray(array_zyx.transpose(2, 1, 0)), affine)  # (z,y,x) -> (x,y,z)
-    img.set_data_dtype(array_zyx.dtype)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    img.header.set_xyzt_units(xyz="mm")
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-
-
 def fetch_lits117(
     dest_dir: str | os.PathLike,
     *,
@@ -185,6 +174,8 @@ def fetch_lits117(
         raise HepasegError(
             f"{dest}: --dest exists and is a file: expected a directory. Choose another --dest."
         )
+    check_apart_from_inputs(dest, "--dest", [from_dir])  # the MRC files are never written over
+    check_writable(dest, "--dest")
     if _is_complete(dest):
         return dest
     # Stage beside dest, so a failed fetch or checksum leaves dest untouched (not even created).
@@ -208,12 +199,9 @@ def fetch_lits117(
             _verify(staging / mrc, digest, str(origin / mrc) if from_dir is not None else f"{origin}:{mrc}")
 
         dest.mkdir(exist_ok=True)
-        with mrcfile.open(staging / "img_117.mrc", mode="r") as m:
-            image = np.asarray(m.data, dtype=np.float32).copy()  # (z, y, x) HU
-        with mrcfile.open(staging / "lab_117.mrc", mode="r") as m:
-            label = np.asarray(m.data).astype(np.uint8)  # uint16 {0,1,2} -> uint8
-        _write_nifti(image, dest / _OUTPUTS["img_117.mrc"])
-        _write_nifti(label, dest / _OUTPUTS["lab_117.mrc"])
+        volume = read_volume(staging / "img_117.mrc", with_label=True)  # axial (z, y, x), canonical LPS
+        write_image_nifti(volume, dest / _OUTPUTS["img_117.mrc"])
+        write_label_nifti(volume.label, volume, dest / _OUTPUTS["lab_117.mrc"])
         if (staging / "LICENSE").is_file():
             shutil.copyfile(staging / "LICENSE", dest / "LICENSE")
         write_json_atomic(
@@ -225,7 +213,7 @@ def fetch_lits117(
                 "package": LITS117_PACKAGE + " (MIT licence)",
                 "spacing_mm": [1.0, 1.0, 1.0],
                 "spacing_note": "nominal 1 mm isotropic: the MRC header carries no voxel size",
-                "axis_note": "MRC axis 0 (axial) is NIfTI axis 2 (z)",
+                "axis_note": "MRC array axes are (x, y, z) of the scan: its last axis (axial) is NIfTI axis 2 (z)",
                 "labels": {"0": "background", "1": "liver", "2": "tumour"},
                 "inputs_sha256": LITS117_SHA256,
                 "outputs_sha256": {name: _sha256(dest / name) for name in _OUTPUTS.values()},

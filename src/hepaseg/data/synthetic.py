@@ -67,6 +67,63 @@ lengths there are voxels of a 1 mm grid, i.e. mm):
 
 Not reproduced: the paper's mass effect and capsule brightening (absent from the
 released code), and the ``mix`` class.
+
+Lesion families beyond hypodense (``families``; ``hepaseg train --synthetic-family``)
+--------------------------------------------------------------------------------------
+Hu et al. paint only lesions darker than the liver, and so do the training patients
+we have (portal-venous CT, tumours 37-50 HU below liver). A network trained on them
+learns "dark blob near the liver" and misses hepatocellular carcinomas scanned in
+the arterial phase (brighter than liver) or a late phase (nearly iso-dense). Each
+painted sample draws ONE family uniformly from ``families`` (one patient's lesions
+in one phase tend to look alike), then paints all its lesions (same placement,
+sizes, shape, edge and texture as above) with that family's contrast. ``C`` is the
+lesion-to-liver contrast (painted HU minus original HU): for the families other than
+``hypo`` the texture-times-edge field ``f`` is rescaled so that the MEDIAN of ``C * f
+/ median(f)`` over the middle channel's lesion pixels is exactly the drawn ``C``
+(so "requested contrast" has a measurable meaning; ``hypo`` keeps the paper's
+``D * f``, and the default ``families=("hypo",)`` draws exactly what it always did).
+
+* ``hypo`` -- the recipe above (hypovascular metastases, portal-venous phase).
+* ``hyper`` -- arterial-phase hyperenhancement: ``C ~ U(+15, +60)`` HU.
+  LI-RADS v2018 (American College of Radiology, CT/MRI LI-RADS v2018 core) makes
+  "nonrim arterial phase hyperenhancement" (APHE), enhancement unequivocally
+  greater than liver, a major feature of HCC; Senturk et al. (Cancer Imaging 2014,
+  14:9) saw hypervascular HCC in 87 % of 83 patients. The numbers are OUR choice:
+  the range brackets the +25 HU measured on the arterial-phase HCC patient of
+  hepaseg issue 11 and stays below the HU of arterial-phase vessels.
+* ``iso`` -- nearly iso-attenuating: ``C ~ U(-10, +10)`` HU. Liu et al.
+  (AJR 2013;200:84-89, "quantitatively defining washout in HCC") found a delayed-phase
+  liver-to-lesion attenuation ratio of median 1.21 for HCC and 1.01 for other
+  arterially enhancing lesions, with 1.07 as the washout cut-off: about 7 HU at a
+  delayed-phase liver of ~100 HU. +-10 HU (our choice) covers that grey zone and the
+  -8 HU late-phase patient of issue 11. Such a lesion is recognisable only by its
+  texture and outline, which is the point.
+* ``rim`` -- a ring at the lesion's border with the opposite sign of its core:
+  a bright ring around a darker core (LI-RADS "enhancing capsule" around a washed-out
+  HCC in the portal-venous/delayed phase; "rim APHE" of metastases and
+  cholangiocarcinoma) or a dark ring around a brighter core (a hypoattenuating
+  pseudocapsule or washout rim around an enhancing nodule). Sign of the ring
+  +1 or -1 with p 0.5; ring contrast ``|C_rim| ~ U(15, 40)`` HU, core contrast
+  ``|C| ~ U(5, 30)`` HU of the other sign, ring width ``U(1, 3)`` mm, smooth (no
+  texture: LI-RADS describes the capsule as "smooth, uniform, sharp"), its edge
+  blurred by a Gaussian of 0.5 mm. All four ranges are OUR choice (LI-RADS defines
+  the features visually, without HU or thickness).
+* ``deposit`` -- a treated lesion holding iodised oil (Lipiodol) after
+  chemoembolisation: a hypoattenuating (necrotic) core ``C ~ U(-40, -10)`` HU
+  (our choice) with dense deposits covering a fraction ``U(0.1, 1.0)`` of it
+  (retention is graded <50 %, 50-90 % and >90 % of the tumour: Cancer Imaging
+  2016, doi:10.1186/s40644-016-0090-4) and ``C_dep ~ U(130, 435)`` HU above the
+  liver: the mean +- 1 sd of the tumour-to-liver contrast of Lipiodol on
+  multidetector CT, 283 +- 152 HU (J Vasc Interv Radiol 2013;24:1837-44,
+  doi:10.1016/j.jvir.2013.08.017; densely retained nodules reach >= 365 HU,
+  Cardiovasc Intervent Radiol 1993;16:209-13). In the usual -200..250 HU window
+  most deposits saturate at 1. The deposits are the top ``fraction`` of a smooth
+  random field (Gaussian-filtered noise, sigma ``U(2, 4)`` mm, our choice) over the
+  lesion, edges blurred by 0.5 mm. The whole lesion, deposits included, is labelled
+  tumour (our choice: the deposit sits in the treated tumour).
+
+:meth:`SyntheticTumors.paint` returns what was drawn (family, contrasts, sizes),
+so tests can check that painted lesions have the requested sign and size.
 """
 
 from __future__ import annotations
@@ -81,6 +138,8 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "FAMILIES",
+    "FAMILY_CONTRAST_HU",
     "PAPER_DARKENING_HU",
     "SIZE_CLASSES",
     "TEXTURE_GAIN",
@@ -102,6 +161,22 @@ SIZE_CLASSES: dict[str, tuple[float, tuple[int, int], tuple[float, float]]] = {
 # painting 400 samples of each size class at 1.6 mm pixels (the usual 512 px x 0.7 mm -> 224 px):
 # 0.33 tiny (mostly edge), 0.39 small, 0.43 medium, 0.44 large; 0.40 is their mean.
 TEXTURE_GAIN = 0.40
+#: Lesion families (module docstring "Lesion families beyond hypodense").
+FAMILIES = ("hypo", "iso", "hyper", "rim", "deposit")
+#: Median lesion-to-liver contrast ``C`` (HU) of the core, per family other than ``hypo``
+#: (``hypo`` uses ``contrast_hu``; ``rim``: the magnitude, its sign opposite to the ring's).
+FAMILY_CONTRAST_HU: dict[str, tuple[float, float]] = {
+    "iso": (-10.0, 10.0),
+    "hyper": (15.0, 60.0),
+    "rim": (5.0, 30.0),
+    "deposit": (-40.0, -10.0),
+}
+RIM_CONTRAST_HU = (15.0, 40.0)  # |ring contrast|, our choice
+RIM_WIDTH_MM = (1.0, 3.0)  # our choice
+DEPOSIT_CONTRAST_HU = (130.0, 435.0)  # 283 +- 152 HU (JVIR 2013)
+DEPOSIT_FRACTION = (0.1, 1.0)  # share of the lesion covered by deposits
+DEPOSIT_FIELD_SIGMA_MM = (2.0, 4.0)  # smoothness of the deposit pattern, our choice
+_SHARP_EDGE_MM = 0.5  # blur of ring and deposit edges
 _MIN_CONTRAST_HU = 5.0  # below this a measured contrast is not a hypodense-tumour contrast
 _EDGE_TRUNCATE = 3.0  # Gaussian edge blur truncated at 3 sigma: the changed ring is finite
 
@@ -253,7 +328,8 @@ def _pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
 
 
 class SyntheticTumors:
-    """Paint synthetic hypodense lesions into a prepared slice (see the module docstring).
+    """Paint synthetic lesions into a prepared slice (see the module docstring): hypodense as
+    Hu et al., and optionally iso-, hyper-attenuating, rimmed and Lipiodol-laden ones (``families``).
 
     Args:
         prob: probability of painting a sample, in [0, 1] (0 = no-op).
@@ -267,6 +343,8 @@ class SyntheticTumors:
         count: ``(min, max)`` lesions per painted sample; ``None`` (default) = per class.
         erode_mm: liver erosion for lesion centres (2 mm).
         margin_mm: distance kept from real tumours (5 mm).
+        families: lesion families to draw from, uniformly per painted sample, a non-empty
+            subset of :data:`FAMILIES` (default ``("hypo",)``: the paper's dark lesions only).
 
     Call: ``(image (C, H, W) float in [0, 1], label (H, W) uint8 {0, 1, 2}, rng)`` ->
     ``(image float32 (C, H, W), label uint8 (H, W))``, new arrays (inputs are never
@@ -287,6 +365,7 @@ class SyntheticTumors:
         count: Sequence[int] | None = None,
         erode_mm: float = 2.0,
         margin_mm: float = 5.0,
+        families: Sequence[str] = ("hypo",),
     ) -> None:
         if not 0.0 <= float(prob) <= 1.0:
             raise ValueError(f"prob: expected a probability in [0, 1], got {prob!r}")
@@ -299,6 +378,11 @@ class SyntheticTumors:
         unknown = [s for s in sizes if s not in SIZE_CLASSES]
         if not sizes or unknown:
             raise ValueError(f"sizes: expected a non-empty subset of {list(SIZE_CLASSES)}, got {list(sizes)!r}")
+        families = tuple(families)
+        bad = [f for f in families if f not in FAMILIES]
+        if not families or bad or len(set(families)) != len(families):
+            raise ValueError(f"families: expected a non-empty subset of {list(FAMILIES)} without repeats, "
+                             f"got {list(families)!r}")
         if count is not None and (len(count) != 2 or not 1 <= int(count[0]) <= int(count[1])):
             raise ValueError(f"count: expected (min, max) with 1 <= min <= max, got {count!r}")
         if slice_mm <= 0 or erode_mm < 0 or margin_mm < 0:
@@ -312,10 +396,11 @@ class SyntheticTumors:
         self.sizes = tuple(sizes)
         self.count = None if count is None else (int(count[0]), int(count[1]))
         self.erode_mm, self.margin_mm = float(erode_mm), float(margin_mm)
+        self.families = families
 
     def __repr__(self) -> str:
         return (f"SyntheticTumors(prob={self.prob}, window={self.window}, contrast_hu={self.contrast_hu}, "
-                f"sizes={self.sizes})")
+                f"sizes={self.sizes}, families={self.families})")
 
     def __call__(
         self,
@@ -326,14 +411,35 @@ class SyntheticTumors:
         pixel_mm: float | Sequence[float] | None = None,
         slice_mm: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        image, label, _ = self.paint(image, label, rng, pixel_mm=pixel_mm, slice_mm=slice_mm)
+        return image, label
+
+    def paint(
+        self,
+        image: np.ndarray,
+        label: np.ndarray,
+        rng: np.random.Generator,
+        *,
+        pixel_mm: float | Sequence[float] | None = None,
+        slice_mm: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
+        """As calling the transform, plus what was drawn (None when nothing was painted).
+
+        The record: ``family``, ``size`` (class), ``lesions`` (``[{"centre_px": (y, x),
+        "semi_axes_mm": (ry, rx, rz)}]``), ``contrast_hu`` (``hypo``: the darkening D, negative;
+        otherwise the requested median core contrast C), and for ``rim``: ``rim_hu``,
+        ``rim_width_mm``; for ``deposit``: ``deposit_hu``, ``deposit_fraction``.
+        """
         image = np.array(image, dtype=np.float32)  # copies: the caller's (cached) arrays stay intact
         label = np.array(label, dtype=np.uint8)
         if image.ndim != 3 or label.shape != image.shape[1:]:
             raise ValueError(f"image (C, H, W) and label (H, W) expected, got {image.shape} and {label.shape}")
         if self.prob == 0.0 or rng.random() >= self.prob:
-            return image, label
+            return image, label, None
         py, px = self.pixel_mm if pixel_mm is None else _pair(pixel_mm, "pixel_mm")
         dz_mm = self.slice_mm if slice_mm is None else float(slice_mm)
+        # Only a choice among several families draws from rng: "hypo" alone repeats the old stream.
+        family = self.families[int(rng.integers(len(self.families)))] if len(self.families) > 1 else self.families[0]
         size = self.sizes[int(rng.integers(len(self.sizes)))]
         radius, default_count, elastic = SIZE_CLASSES[size]
         n_min, n_max = self.count or default_count
@@ -349,15 +455,17 @@ class SyntheticTumors:
                 liver, structure=_ellipse_struct(self.erode_mm / py, self.erode_mm / px)
             )
         if centres.sum() * py * px < math.pi * (0.75 * radius) ** 2:
-            return image, label  # no room for a lesion of this class
+            return image, label, None  # no room for a lesion of this class
         candidates = np.argwhere(centres)
 
         n_ch = image.shape[0]
         k = (n_ch - 1) // 2
         lesions = [np.zeros(label.shape, bool) for _ in range(n_ch)]
+        drawn: list[dict[str, Any]] = []
         for _ in range(int(rng.integers(n_min, n_max + 1))):
             cy, cx = candidates[int(rng.integers(len(candidates)))]
             ry, rx, rz = rng.uniform(0.75 * radius, 1.25 * radius, 3)
+            drawn.append({"centre_px": (int(cy), int(cx)), "semi_axes_mm": (float(ry), float(rx), float(rz))})
             sigma_e = rng.uniform(*elastic)
             half = 2.0 * 1.25 * radius  # the code's 4 r box around the centre, mm
             hy, hx = int(math.ceil(half / py)), int(math.ceil(half / px))
@@ -377,21 +485,76 @@ class SyntheticTumors:
                 lesions[j][y0:y1, x0:x1] |= inside
         lesions = [m & allowed for m in lesions]
         if not lesions[k].any():
-            return image, label
+            return image, label, None
 
         lo, hi = self.window
-        depth = rng.uniform(*self.contrast_hu) / (hi - lo)  # D in window units
+        darkening_hu = rng.uniform(*self.contrast_hu)
+        depth = darkening_hu / (hi - lo)  # D in window units
         sigma_edge = rng.uniform(1.0, 2.0)
         texture = _texture(label.shape, (py, px), rng)
-        for j in range(n_ch):
-            if not lesions[j].any():
-                continue
-            edge = ndimage.gaussian_filter(
+        info: dict[str, Any] = {"family": family, "size": size, "lesions": drawn}
+        edges = [
+            None if not lesions[j].any() else ndimage.gaussian_filter(
                 lesions[j].astype(np.float32), sigma=(sigma_edge / py, sigma_edge / px), truncate=_EDGE_TRUNCATE
             )
-            image[j] = np.where(allowed, np.clip(image[j] - depth * texture * edge, 0.0, 1.0), image[j])
+            for j in range(n_ch)
+        ]
+        if family == "hypo":
+            info["contrast_hu"] = -float(darkening_hu)
+            changes = [None if e is None else -depth * texture * e for e in edges]
+        else:
+            changes = self._family_changes(family, lesions, edges, texture, k, (py, px), rng, info)
+        for j in range(n_ch):
+            if changes[j] is not None:
+                image[j] = np.where(allowed, np.clip(image[j] + changes[j], 0.0, 1.0), image[j])
         label[lesions[k]] = 2
-        return image, label
+        return image, label, info
+
+    def _family_changes(self, family, lesions, edges, texture, k, pixel_mm, rng, info) -> list[np.ndarray | None]:
+        """Per channel, the change (window units) that paints ``family`` (module docstring); fills ``info``."""
+        lo, hi = self.window
+        py, px = pixel_mm
+        c_lo, c_hi = FAMILY_CONTRAST_HU[family]
+        contrast = rng.uniform(c_lo, c_hi)
+        ring_sign = 0.0
+        if family == "rim":
+            ring_sign = 1.0 if rng.random() < 0.5 else -1.0
+            contrast = -ring_sign * contrast  # the core has the other sign
+            info["rim_hu"] = float(ring_sign * rng.uniform(*RIM_CONTRAST_HU))
+            info["rim_width_mm"] = float(rng.uniform(*RIM_WIDTH_MM))
+        elif family == "deposit":
+            info["deposit_hu"] = float(rng.uniform(*DEPOSIT_CONTRAST_HU))
+            info["deposit_fraction"] = float(rng.uniform(*DEPOSIT_FRACTION))
+            sigma_d = rng.uniform(*DEPOSIT_FIELD_SIGMA_MM)
+            field = ndimage.gaussian_filter(rng.uniform(0.0, 1.0, texture.shape), sigma=(sigma_d / py, sigma_d / px))
+            # The deposits are the top `fraction` of the field over the middle channel's lesion.
+            threshold = np.quantile(field[lesions[k]], 1.0 - info["deposit_fraction"])
+        info["contrast_hu"] = float(contrast)
+        # Rescale texture * edge so its median over the middle lesion is 1: C is then the median contrast.
+        f_mid = (texture * edges[k])[lesions[k]]
+        scale = float(np.median(f_mid))
+        if scale < 1e-3:  # a texture that is ~0 over most of the lesion: fall back to its mean
+            scale = max(float(f_mid.mean()), 1e-3)
+        sharp = (_SHARP_EDGE_MM / py, _SHARP_EDGE_MM / px)
+        changes: list[np.ndarray | None] = []
+        for j, lesion in enumerate(lesions):
+            if edges[j] is None:
+                changes.append(None)
+                continue
+            change = contrast / scale * texture * edges[j]  # HU
+            if family == "rim":
+                width = info["rim_width_mm"]
+                inner = ndimage.binary_erosion(lesion, structure=_ellipse_struct(width / py, width / px))
+                ring = ndimage.gaussian_filter((lesion & ~inner).astype(np.float32), sharp, truncate=_EDGE_TRUNCATE)
+                ring = np.minimum(ring * 2.0, 1.0)  # a 1 mm ring blurred by 0.5 mm keeps its full contrast inside
+                change = (1.0 - ring) * change + ring * info["rim_hu"]
+            elif family == "deposit":
+                deposit = ndimage.gaussian_filter(
+                    (lesion & (field >= threshold)).astype(np.float32), sharp, truncate=_EDGE_TRUNCATE
+                )
+                change = (1.0 - deposit) * change + deposit * info["deposit_hu"]
+            changes.append((change / (hi - lo)).astype(np.float32))
+        return changes
 
 
 def _ellipse_struct(ry_px: float, rx_px: float) -> np.ndarray:

@@ -28,6 +28,7 @@ from hepaseg.evaluation.detection import (
 from hepaseg.evaluation.evaluate import (
     EvaluationResult,
     check_data_options,
+    check_threshold,
     evaluate_checkpoint,
     predict_slices,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "EvaluationResult",
     "check_data_options",
     "check_sizes",
+    "check_threshold",
     "compare",
     "compare_collect",
     "compare_plan",

@@ -6,6 +6,7 @@ evaluates each run's ``best.ckpt`` on the test split with
 :func:`hepaseg.evaluation.evaluate_checkpoint`, measures CPU inference time and parameter
 counts, and writes::
 
+    OUT/.hepaseg-output.json     marker: a compare folder (another non-empty folder is refused)
     OUT/protocol.json            the pinned protocol (a later call must match it)
     OUT/runs/<model>/seed<k>/    the training run (hepaseg train layout) + eval-<split>/ + compare.json
     OUT/table.md                 Table 1 layout, mean ± sd over seeds, Params (M), CPU ms/slice,
@@ -60,6 +61,7 @@ from hepaseg.evaluation.metrics import SLICE_METRICS
 from hepaseg.evaluation.report import table1_markdown
 from hepaseg.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 from hepaseg.io.claims import Claim, claim_owner, run_claimed
+from hepaseg.io.outputs import check_output_dir, write_output_marker
 
 __all__ = [
     "CompareResult",
@@ -296,6 +298,8 @@ def _setup(data, out, *, models, seeds, width, max_minutes_per_run, max_epochs, 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise HepasegError(f"--seeds: invalid value: expected a positive integer, got {seeds!r}")
     data, out = Path(data), Path(out)
+    # Before any work: a new folder, or this command's earlier (resumable) output; never around --data.
+    out_state = check_output_dir(out, command="compare", inputs=[data], reuse=True)
     if not data.is_dir():
         raise HepasegError(f"{data}: data directory not found: expected a directory written by "
                            "`hepaseg prepare`. Check --data or run `hepaseg prepare SOURCES --out DIR`")
@@ -316,6 +320,8 @@ def _setup(data, out, *, models, seeds, width, max_minutes_per_run, max_epochs, 
         "max_minutes_per_run": max_minutes_per_run, "train": shared,
     })
     out.mkdir(parents=True, exist_ok=True)
+    if out_state == "new":
+        write_output_marker(out, "compare")
     _check_protocol(out, protocol)
     return _Setup(data=data, out=out, names=names, seeds=seeds, width=width, max_epochs=max_epochs,
                   max_minutes_per_run=max_minutes_per_run, split=split, shared=shared, protocol=protocol,

@@ -15,6 +15,7 @@ our empty-mask policy) is reported beside it.
 
 Outputs (``out``, default ``<checkpoint dir>/eval-<split>/``), each written atomically::
 
+    .hepaseg-output.json  marker: an evaluate output (only such a folder is written into again)
     metrics.json   summary, per-case Dice, options, checkpoint info, timings (written last)
     slices.csv     one line per slice: case, slice (original z), every slice metric
     table.md       Table 1 layout, one row named after the model
@@ -41,12 +42,14 @@ from hepaseg.errors import HepasegError
 from hepaseg.evaluation.metrics import slice_metrics
 from hepaseg.evaluation.report import summarize_slices, table1_markdown, write_slice_csv
 from hepaseg.io.atomic import write_json_atomic, write_text_atomic
+from hepaseg.io.outputs import check_output_dir, write_output_marker
 
 __all__ = [
     "EVAL_FORMAT",
     "F1_DEFINITION",
     "EvaluationResult",
     "check_data_options",
+    "check_threshold",
     "evaluate_checkpoint",
     "json_safe",
     "predict_slices",
@@ -107,6 +110,25 @@ class EvaluationResult:
                 "timings": self.timings,
             }
         )
+
+
+def check_threshold(threshold: Any, option: str = "--threshold") -> float:
+    """The one threshold rule of every command: a probability strictly between 0 and 1.
+
+    Tumour is where ``sigmoid > threshold``: at 0 every pixel would be tumour (the sigmoid is
+    never 0), at 1 none; both are mistakes, not choices. Returns ``float(threshold)``.
+
+    Raises:
+        HepasegError: naming ``option``.
+    """
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 < value < 1.0:  # NaN fails too
+        raise HepasegError(f"{option}: expected a probability with 0 < t < 1 (tumour where sigmoid > t), "
+                           f"got {threshold!r}. Use e.g. 0.5")
+    return value
 
 
 def json_safe(obj: Any) -> Any:
@@ -265,7 +287,8 @@ def evaluate_checkpoint(
             context_slices must equal the checkpoint's ``data_options``.
         split: ``"test"`` (default), ``"val"`` or ``"train"``.
         batch: slices per forward pass (default 8; >= 1). Results do not depend on it.
-        threshold: probability in ``[0, 1]``; tumour where ``sigmoid > threshold`` (default 0.5).
+        threshold: probability with ``0 < threshold < 1``; tumour where ``sigmoid > threshold``
+            (default 0.5; :func:`check_threshold`).
         out: output directory (default ``<checkpoint dir>/eval-<split>/``); files in it are
             replaced atomically, ``metrics.json`` last.
         device: ``None`` (default: CUDA when available, else CPU), ``"cpu"``, ``"cuda"``...
@@ -300,9 +323,11 @@ def evaluate_checkpoint(
         raise HepasegError(f"--split: invalid value: expected one of {', '.join(SPLITS)}, got {split!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise HepasegError(f"--batch: invalid value: expected a positive integer, got {batch!r}")
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise HepasegError(f"--threshold: invalid value: expected a probability in [0, 1], got {threshold!r}")
+    threshold = check_threshold(threshold)
     checkpoint, data = Path(checkpoint), Path(data)
+    out_dir = Path(out) if out is not None else checkpoint.parent / f"eval-{split}"
+    if write:  # before any work: an earlier evaluate output is updated, anything else refused
+        check_output_dir(out_dir, command="evaluate", inputs=[checkpoint, data], reuse=True)
     if not data.is_dir():
         raise HepasegError(f"{data}: data directory not found: expected a directory written by "
                            "`hepaseg prepare`. Check --data or run `hepaseg prepare SOURCES --out DIR`")
@@ -365,7 +390,6 @@ def evaluate_checkpoint(
         demo_z_split=bool(manifest.get("demo_z_split", False)),
     )
     if write:
-        out_dir = Path(out) if out is not None else checkpoint.parent / f"eval-{split}"
         _write_outputs(result, out_dir)
         result.timings["total"] = time.perf_counter() - t_start
         # metrics.json last: its presence means the evaluation is complete.
@@ -376,6 +400,7 @@ def evaluate_checkpoint(
 
 def _write_outputs(result: EvaluationResult, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_output_marker(out_dir, "evaluate")
     result.out_dir = out_dir
     result.paths["slices"] = write_slice_csv(result.rows, out_dir / "slices.csv")
     s = result.summary

@@ -21,6 +21,7 @@ Per held-out patient, model and seed (one row of ``crossval.csv``):
 
 Layout of ``OUT``::
 
+    OUT/.hepaseg-output.json             marker: a crossval folder (another non-empty folder is refused)
     OUT/protocol.json                    the pinned protocol (a later call must match it)
     OUT/prepared/tumor/, prepared/liver/ every patient prepared ONCE (all in "train"); liver/ only
                                          with the cascade (target liver, liver_size px)
@@ -98,10 +99,13 @@ from hepaseg.evaluation.compare import (
     run_plan,
 )
 from hepaseg.evaluation.detection import DIAMETER_BINS, fp_slice_rate, lesion_detection, tumor_free_liver_slices
-from hepaseg.evaluation.evaluate import json_safe
+from hepaseg.evaluation.evaluate import check_threshold, json_safe
 from hepaseg.evaluation.metrics import volume_metrics
+from hepaseg.io import find_cases
 from hepaseg.io.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from hepaseg.io.claims import Claim, run_claimed
+from hepaseg.io.outputs import check_output_dir, write_output_marker
+from hepaseg.io.readers import DicomOptions
 from hepaseg.io.volume import LABEL_TUMOR
 
 __all__ = [
@@ -124,7 +128,7 @@ _OWN_FIELDS = ("data", "model", "out", "seed", "width", "max_epochs", "max_minut
 # prepare() arguments crossval sets itself; the rest (window, slices, context_slices, roi_margin_mm...)
 # may come in prepare_options.
 _OWN_PREPARE = ("sources", "out", "size", "split", "seed", "split_file", "z_split", "target", "roi", "overwrite",
-                "progress", "console")
+                "progress", "console", "dicom")
 # Options of the tumour stage that the liver stage shares: throughput and hardware, not the recipe.
 _LIVER_SHARED = ("batch_size", "precision", "channels_last", "accelerator", "devices", "num_nodes", "strategy",
                  "num_workers", "deterministic")
@@ -385,7 +389,9 @@ def _command(sources, out, names, seeds, cascade, liver_model, liver_size, size,
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _prepare_pool(sources, dest: Path, options: dict[str, Any], say) -> dict[str, Any]:
+def _prepare_pool(
+    sources, dest: Path, options: dict[str, Any], say, dicom: DicomOptions | None = None
+) -> dict[str, Any]:
     from rich.console import Console
 
     from hepaseg.data import is_prepared_dir, prepare, read_manifest
@@ -393,7 +399,8 @@ def _prepare_pool(sources, dest: Path, options: dict[str, Any], say) -> dict[str
     if is_prepared_dir(dest):
         return read_manifest(dest)
     say(f"preparing {dest.name} data of every patient -> {dest}")
-    return prepare(sources, dest, split=(1.0, 0.0, 0.0), progress=False, console=Console(quiet=True), **options)
+    return prepare(sources, dest, split=(1.0, 0.0, 0.0), progress=False, console=Console(quiet=True), dicom=dicom,
+                   **options)
 
 
 def _train_state(run: Path, marker: str) -> str:
@@ -441,6 +448,7 @@ def crossval(
     val_fraction: float = 0.15,
     device: str | None = None,
     log: Callable[[str], None] | None = None,
+    dicom: DicomOptions | None = None,
 ) -> CrossvalResult:
     """Leave-one-patient-out training and whole-volume scoring of ``models`` x ``seeds`` (module docstring).
 
@@ -468,6 +476,8 @@ def crossval(
         val_fraction: share of each training patient's kept slices monitored as validation (default 0.15).
         device: prediction device (default CUDA when available, else CPU); fp32.
         log: called with one line per step (e.g. ``console.print``); default silent.
+        dicom: series choice and SEG segment names for DICOM study cases (``--series``,
+            ``--seg-labels``); their SEG objects are found in each study folder.
 
     Returns:
         A :class:`CrossvalResult`; the same numbers are in ``OUT/crossval.csv``, ``lesions.csv``
@@ -486,7 +496,7 @@ def crossval(
     setup = _cv_setup(sources, out, models=models, seeds=seeds, cascade=cascade, liver_model=liver_model,
                       liver_size=liver_size, size=size, width=width, max_minutes_per_run=max_minutes_per_run,
                       max_epochs=max_epochs, train_options=train_options, prepare_options=prepare_options,
-                      threshold=threshold, val_fraction=val_fraction, device=device, log=log)
+                      threshold=threshold, val_fraction=val_fraction, device=device, log=log, dicom=dicom)
     trained: list[tuple[str, str, int]] = []
     tumor_runs = [e for e in setup.runs if e["stage"] == "tumor"]
     for step, entry in enumerate(tumor_runs, start=1):
@@ -522,6 +532,7 @@ class _CvSetup:
     command: str
     source_of: dict[str, str]
     say: Callable[[str], None]
+    dicom: DicomOptions | None = None
     _volume: tuple[str, Any] | None = None  # (fold, volume): the last held-out volume read
 
     @property
@@ -549,12 +560,13 @@ class _CvSetup:
 
     def held_out(self, fold: str):
         if self._volume is None or self._volume[0] != fold:
-            self._volume = (fold, _read_held_out(self.source_of[fold], fold))
+            self._volume = (fold, _read_held_out(self.source_of[fold], fold, self.dicom))
         return self._volume[1]
 
 
 def _cv_setup(sources, out, *, models, seeds, cascade, liver_model, liver_size, size, width, max_minutes_per_run,
-              max_epochs, train_options, prepare_options, threshold, val_fraction, device, log) -> _CvSetup:
+              max_epochs, train_options, prepare_options, threshold, val_fraction, device, log,
+              dicom=None) -> _CvSetup:
     from hepaseg.data import prepare
     from hepaseg.training import TrainConfig
     from hepaseg.training.train import resolve_config
@@ -567,14 +579,15 @@ def _cv_setup(sources, out, *, models, seeds, cascade, liver_model, liver_size, 
                           ("--max-epochs", max_epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise HepasegError(f"{option}: invalid value: expected a positive integer, got {value!r}")
-    if not 0.0 < float(threshold) < 1.0:
-        raise HepasegError(f"--threshold: expected a probability in (0, 1), got {threshold!r}")
+    threshold = check_threshold(threshold)
     if not 0.0 < float(val_fraction) <= 0.5:
         raise HepasegError(f"--val-fraction: expected a fraction in (0, 0.5], got {val_fraction!r}")
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     sources = [Path(s) for s in sources]
     out = Path(out)
+    # Before any work: a new folder, or this command's earlier (resumable) output; never around a source.
+    out_state = check_output_dir(out, command="crossval", inputs=sources, reuse=True)
     train_opts = dict(train_options or {})
     prep_opts = dict(prepare_options or {})
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -599,14 +612,21 @@ def _cv_setup(sources, out, *, models, seeds, cascade, liver_model, liver_size, 
         "threshold": float(threshold), "val_fraction": float(val_fraction), "prepare": tumor_prepare,
         "liver_prepare": liver_prepare if cascade else None, "train": shared,
         "liver_train": liver_shared if cascade else None, "evaluated_checkpoint": "last.ckpt",
+        **({} if dicom is None else {"dicom": {"series": dicom.series, "seg_labels": dicom.seg_labels}}),
     })
     for src in sources:
         if not src.exists():
             raise HepasegError(f"{src}: source not found: expected an existing file or folder of CT volumes")
+    n_cases = len(find_cases(sources))  # cheap (paths only): refuse one patient before writing anything
+    if n_cases < 2:
+        raise HepasegError(f"{', '.join(map(str, sources))}: {n_cases} patient found: expected at least two "
+                           "labelled patients for leave-one-patient-out. Add sources")
     out.mkdir(parents=True, exist_ok=True)
+    if out_state == "new":
+        write_output_marker(out, "crossval")
     _check_protocol(out, protocol)
 
-    pool = _prepare_pool(sources, out / "prepared" / "tumor", tumor_prepare, say)
+    pool = _prepare_pool(sources, out / "prepared" / "tumor", tumor_prepare, say, dicom)
     folds = sorted(c["id"] for c in pool["cases"])
     if len(folds) < 2:
         raise HepasegError(f"{', '.join(map(str, sources))}: {len(folds)} patient found: expected at least two "
@@ -616,7 +636,7 @@ def _cv_setup(sources, out, *, models, seeds, cascade, liver_model, liver_size, 
         raise HepasegError(f"{', '.join(unlabelled)}: no label map: expected every crossval patient to be labelled "
                            "(it is scored when held out). Remove unlabelled sources")
     if cascade:
-        liver_pool = _prepare_pool(sources, out / "prepared" / "liver", liver_prepare, say)
+        liver_pool = _prepare_pool(sources, out / "prepared" / "liver", liver_prepare, say, dicom)
         liver_ids = sorted(c["id"] for c in liver_pool["cases"])
         if liver_ids != folds:  # pragma: no cover - the same sources give the same cases
             raise HepasegError(f"{out / 'prepared'}: liver and tumour data hold different patients ({liver_ids} vs "
@@ -627,7 +647,7 @@ def _cv_setup(sources, out, *, models, seeds, cascade, liver_model, liver_size, 
                     liver_size=liver_size, width=width, max_epochs=max_epochs,
                     max_minutes_per_run=max_minutes_per_run, shared=shared, liver_shared=liver_shared,
                     threshold=float(threshold), val_fraction=float(val_fraction), device=device, protocol=protocol,
-                    command=command, source_of=source_of, say=say)
+                    command=command, source_of=source_of, say=say, dicom=dicom)
 
 
 def _run_entry(setup: _CvSetup, entry: Mapping[str, Any], claim: Claim, where: str,
@@ -818,10 +838,10 @@ def _liver_stage(out, fold, fold_dir, run, liver_model, seed, width, max_epochs,
     _publish(claim, run / _STAGE_MARKER, {"train": result.to_dict(), "worker": f"{socket.gethostname()}:{os.getpid()}"})
 
 
-def _read_held_out(source: str, fold: str):
+def _read_held_out(source: str, fold: str, dicom: DicomOptions | None = None):
     from hepaseg.io import read_volume
 
-    volume = read_volume(source, with_label=True)
+    volume = read_volume(source, with_label=True, dicom=dicom)
     if volume.label is None:
         raise HepasegError(f"{source}: held-out patient {fold!r} has no label map: expected a labelled case")
     return volume
@@ -870,8 +890,9 @@ def _table_markdown(names, folds, seeds, rows, lesions, dice_global, protocol, c
     variant = (f"cascade (liver stage {liver_model} at {liver_size} px, tumour stage on liver-cropped slices)"
                if cascade else "whole slices (single network)")
     train = protocol["train"]
-    recipe = {k: train.get(k) for k in ("loss", "augment", "synthetic_tumors", "aug_off", "crop",
-                                         "tumor_crop_fraction", "batch_size", "lr", "precision") if k in train}
+    recipe = {k: train.get(k) for k in ("loss", "augment", "synthetic_tumors", "synthetic_families",
+                                         "liver_enhancement", "aug_off", "crop", "tumor_crop_fraction", "batch_size",
+                                         "lr", "precision") if k in train}
     lines = [
         "# hepaseg crossval — leave one patient out",
         "",

@@ -33,11 +33,11 @@ import numpy as np
 
 from hepaseg import __version__
 from hepaseg.errors import HepasegError
-from hepaseg.evaluation.evaluate import json_safe
+from hepaseg.evaluation.evaluate import check_threshold, json_safe
 from hepaseg.evaluation.metrics import global_dice, volume_metrics
 from hepaseg.inference.cascade import check_cascade, predict_cascade, require_liver_stage
 from hepaseg.inference.predictor import predict_volume
-from hepaseg.io import find_cases, read_volume
+from hepaseg.io import DicomOptions, check_output_dir, find_cases, read_volume, write_output_marker
 from hepaseg.io.atomic import atomic_path, write_json_atomic
 from hepaseg.io.volume import LABEL_TUMOR
 
@@ -105,6 +105,7 @@ def evaluate_volumes(
     out: str | os.PathLike | None = None,
     progress: bool = False,
     liver_checkpoint: str | os.PathLike | None = None,
+    dicom: DicomOptions | None = None,
 ) -> VolumeEvaluationResult:
     """Predict each labelled case of ``sources`` and score it in 3D (distances in mm).
 
@@ -122,18 +123,27 @@ def evaluate_volumes(
         progress: show a progress bar per case (stderr).
         liver_checkpoint: a liver-stage checkpoint: predict with the cascade and score both stages
             (required for a tumour checkpoint trained with ``roi == "liver"``).
+        dicom: series choice and SEG labels of DICOM study cases (``--series``, ``--seg`` for a
+            single case, ``--seg-labels``).
 
     Returns:
         A :class:`VolumeEvaluationResult`; rows hold :func:`volume_metrics` of each case
         (tumour = label 2 vs. the predicted mask), its spacing (mm) and prediction seconds.
 
     Raises:
-        HepasegError: missing sources, unreadable cases, no labelled case, a bad checkpoint, a
+        HepasegError: a bad ``threshold``/``batch``, an ``out`` that is not an evaluate output or
+            overlaps an input (checked first), missing sources, unreadable cases, no labelled case, a bad checkpoint, a
             liver-cropped tumour checkpoint without ``liver_checkpoint``, or two checkpoints that
             do not form a cascade.
     """
     from hepaseg.training import load_checkpoint
 
+    threshold = check_threshold(threshold)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise HepasegError(f"--batch: invalid value: expected a positive integer, got {batch!r}")
+    out_dir = Path(out) if out is not None else Path(checkpoint).parent / "eval-volumes"
+    # Before any work; `hepaseg evaluate` writes its slice and volume results into one folder.
+    check_output_dir(out_dir, command="evaluate", inputs=[checkpoint, liver_checkpoint, *sources], reuse=True)
     loaded = load_checkpoint(checkpoint)
     liver = None
     if liver_checkpoint is None:
@@ -143,10 +153,15 @@ def evaluate_volumes(
         check_cascade(liver.data_options, loaded.data_options, liver_source=f"--liver-checkpoint {liver_checkpoint}",
                       tumor_source=f"--checkpoint {checkpoint}")
     cases = find_cases(list(sources))
+    if dicom is not None and dicom.seg and len(cases) != 1:
+        raise HepasegError(
+            f"--seg: names the SEG files of one case: expected a single case, got {len(cases)}. Put each case's SEG "
+            "in its study folder (it is found there)"
+        )
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     for path in cases:
-        volume = read_volume(path, with_label=True)
+        volume = read_volume(path, with_label=True, dicom=dicom)
         if volume.label is None:
             skipped.append(volume.case_id)
             continue
@@ -207,8 +222,8 @@ def evaluate_volumes(
                                               "liver_data_options": liver.data_options})},
         liver_checkpoint=None if liver_checkpoint is None else Path(liver_checkpoint),
     )
-    out_dir = Path(out) if out is not None else Path(checkpoint).parent / "eval-volumes"
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_output_marker(out_dir, "evaluate")
     result.out_dir = out_dir
     with atomic_path(out_dir / "volumes.csv") as tmp, open(tmp, "w", newline="") as fh:
         columns = VOLUME_CSV_COLUMNS + (LIVER_CSV_COLUMNS if liver is not None else ())

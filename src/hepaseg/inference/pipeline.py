@@ -21,16 +21,25 @@ With ``liver_checkpoint`` (``--liver-checkpoint``) the liver-first cascade of
 sections, the flat keys staying the tumour's; ``lesions.json`` carries a ``warnings`` list
 (e.g. no liver found: the tumour mask is empty), which the CLI prints.
 
+``output_format`` (``--format``) ``"dicom-seg"`` writes, instead of the NIfTI masks, and
+``"both"`` in addition to them (DICOM inputs only)::
+
+    OUT_DIR/segmentation.dcm    a BINARY DICOM-SEG referencing the source series: a tumour
+                                segment (and a liver segment after a cascade), see
+                                hepaseg.io.dicom_seg.write_seg
+
 Every file is written into a temporary folder beside ``OUT_DIR`` that is renamed
-into place at the end, so ``OUT_DIR`` is either complete or untouched.
+into place at the end, so ``OUT_DIR`` is either complete or untouched; it carries the
+marker ``OUT_DIR/.hepaseg-output.json``, and ``overwrite`` replaces only a folder with
+that marker (never one that holds, or lies inside, an input).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import shutil
-import tempfile
 import time
+import warnings as pywarnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +48,7 @@ import numpy as np
 
 from hepaseg import __version__
 from hepaseg.errors import HepasegError
+from hepaseg.evaluation.evaluate import check_threshold
 from hepaseg.inference.cascade import KEEP_MARGIN_MM, check_cascade, predict_cascade, require_liver_stage
 from hepaseg.inference.lesions import lesion_table, lesions_to_csv
 from hepaseg.inference.onnx_engine import OnnxModel, export_onnx
@@ -46,19 +56,36 @@ from hepaseg.inference.overlay import draw_overlay
 from hepaseg.inference.predictor import check_volume_for_model, predict_volume
 from hepaseg.inference.preprocess import parse_data_options
 from hepaseg.io import (
+    CANONICAL_DESCRIPTION,
     LABEL_LIVER,
     LABEL_TUMOR,
+    DicomOptions,
+    atomic_dir,
+    check_output_dir,
+    check_output_file,
     read_volume,
-    replace_dir,
     write_json_atomic,
     write_label_nifti,
+    write_output_marker,
     write_text_atomic,
 )
 
-__all__ = ["LABEL_MODES", "OUTPUT_FILES", "PredictResult", "check_ct_image", "export_checkpoint", "predict_case"]
+__all__ = [
+    "LABEL_MODES",
+    "OUTPUT_FILES",
+    "OUTPUT_FORMATS",
+    "LoadedModels",
+    "PredictResult",
+    "check_ct_image",
+    "export_checkpoint",
+    "load_models",
+    "predict_case",
+]
 
 OUTPUT_FILES = ("tumor_mask.nii.gz", "lesions.csv", "lesions.json", "overlay.png", "metrics.json")
 LABEL_MODES = ("tumor", "lits")
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
+SEG_FILE = "segmentation.dcm"
 #: A CT scan in HU has air (about -1000 HU) around or inside the body; below this, it is there.
 AIR_BELOW_HU = -500.0
 
@@ -76,6 +103,8 @@ class PredictResult:
         timings: seconds for ``read``, ``inference`` and ``write`` (and ``load_model``).
         case_id, shape (z, y, x), spacing (mm, z y x), engine (``torch``/``onnx``), model_name.
         warnings: problems worth telling the user (cascade: no liver found); also in lesions.json.
+        volume, tumor, liver: the case as read (canonical orientation, HU, with its label) and the
+            predicted ``(z, y, x)`` uint8 masks (liver: cascade only), for reports (hepaseg.viz).
     """
 
     out_dir: Path
@@ -90,6 +119,9 @@ class PredictResult:
     model_name: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    volume: Any = field(default=None, repr=False)
+    tumor: np.ndarray | None = field(default=None, repr=False)
+    liver: np.ndarray | None = field(default=None, repr=False)
 
 
 def check_ct_image(image: np.ndarray, source: str) -> None:
@@ -113,21 +145,6 @@ def check_ct_image(image: np.ndarray, source: str) -> None:
             f"{source}: does not look like CT in Hounsfield units: expected air near -1000 HU somewhere in "
             f"the volume, got a minimum of {lowest:g}. Pass a CT scan (MRI/PET are not supported), with "
             "rescale slope/intercept applied"
-        )
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise HepasegError(f"{out_dir}: --out exists and is a file: expected a new or empty directory. "
-                           "Choose another --out")
-    others = sorted(p.name for p in out_dir.iterdir())
-    if others and not overwrite:
-        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise HepasegError(
-            f"{out_dir}: --out already holds files ({shown}): expected a new or empty directory. "
-            "Pass --overwrite to replace it, or choose another --out; nothing was written"
         )
 
 
@@ -156,6 +173,73 @@ def _load_engine(checkpoint, onnx_model) -> tuple[Any, dict, str, str, dict]:
     return loaded.model, dict(loaded.data_options), "torch", loaded.model_name, dict(loaded.model_options)
 
 
+@dataclass
+class LoadedModels:
+    """The networks of one prediction setup, loaded once (a batch reuses them for every case).
+
+    Attributes:
+        model, data_options, engine, model_name, model_options: the tumour stage.
+        liver: the liver stage's ``load_checkpoint`` result (cascade), or None.
+        tumor_source: ``"--checkpoint PATH"`` / ``"--model PATH"`` for messages.
+        sha256: SHA-256 of the tumour checkpoint (or ONNX) file and, with a cascade, ``liver_sha256``
+            (written into a DICOM-SEG's algorithm identification and into ``batch.json``).
+        seconds: time spent loading.
+    """
+
+    model: Any
+    data_options: dict
+    engine: str
+    model_name: str
+    model_options: dict
+    liver: Any = None
+    liver_checkpoint: str | None = None
+    tumor_source: str = ""
+    sha256: str = ""
+    liver_sha256: str | None = None
+    seconds: float = 0.0
+
+
+def load_models(
+    checkpoint: str | os.PathLike | None = None,
+    onnx_model: str | os.PathLike | None = None,
+    liver_checkpoint: str | os.PathLike | None = None,
+) -> LoadedModels:
+    """Load the tumour model (checkpoint or ONNX) and, for a cascade, the liver stage; check they fit.
+
+    Raises:
+        HepasegError: a missing/corrupt file, a liver-cropped tumour checkpoint without a liver
+            stage, or two checkpoints that do not form a cascade.
+    """
+    t0 = time.perf_counter()
+    model, data_options, engine, model_name, model_options = _load_engine(checkpoint, onnx_model)
+    tumor_source = "--model" if onnx_model is not None else "--checkpoint"
+    tumor_source = f"{tumor_source} {onnx_model if onnx_model is not None else checkpoint}"
+    liver_loaded = None
+    if liver_checkpoint is None:
+        require_liver_stage(data_options, source=tumor_source)
+    else:
+        from hepaseg.training import load_checkpoint
+
+        liver_loaded = load_checkpoint(liver_checkpoint)
+        check_cascade(liver_loaded.data_options, data_options,
+                      liver_source=f"--liver-checkpoint {liver_checkpoint}", tumor_source=tumor_source)
+    return LoadedModels(
+        model=model, data_options=data_options, engine=engine, model_name=model_name, model_options=model_options,
+        liver=liver_loaded, liver_checkpoint=None if liver_checkpoint is None else str(liver_checkpoint),
+        tumor_source=tumor_source, sha256=_sha256(onnx_model if onnx_model is not None else checkpoint),
+        liver_sha256=None if liver_checkpoint is None else _sha256(liver_checkpoint),
+        seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def predict_case(
     input_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -171,6 +255,9 @@ def predict_case(
     progress: bool = True,
     device: str | None = None,
     precision: str = "auto",
+    output_format: str = "nifti",
+    dicom: DicomOptions | None = None,
+    models: LoadedModels | None = None,
 ) -> PredictResult:
     """Predict the liver tumours of one CT case and write the results folder (see module docstring).
 
@@ -190,10 +277,15 @@ def predict_case(
         labels: ``"tumor"`` (default: mask 0/1) or ``"lits"`` (0 background, 1 liver, 2 tumour; the
             liver comes from the input's own label map, so the input must have one -- or, with
             ``liver_checkpoint``, from the predicted liver).
-        overwrite: replace an ``out_dir`` that already holds files.
+        overwrite: replace an ``out_dir`` that holds an earlier ``predict`` output (its marker);
+            any other non-empty folder is refused.
         progress: show a progress bar over slices.
         device: torch device (default CUDA when available); ignored by the onnx engine.
         precision: torch autocast precision (see :func:`predict_volume`; default ``"auto"``).
+        output_format: ``"nifti"`` (default), ``"dicom-seg"`` or ``"both"``; a SEG needs a DICOM input.
+        dicom: series choice and SEG labels of a DICOM input (``--series``, ``--seg``, ``--seg-labels``).
+        models: networks already loaded by :func:`load_models` (batch prediction); then
+            ``checkpoint``/``onnx_model``/``liver_checkpoint`` are not read again.
 
     Returns:
         :class:`PredictResult`.
@@ -206,32 +298,30 @@ def predict_case(
     """
     if labels not in LABEL_MODES:
         raise HepasegError(f"--labels: expected one of {', '.join(LABEL_MODES)}, got {labels!r}")
-    if not 0.0 < float(threshold) < 1.0:
-        raise HepasegError(f"--threshold: expected a probability in (0, 1), got {threshold!r}")
+    threshold = check_threshold(threshold)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise HepasegError(f"--batch: expected a positive integer, got {batch!r}")
+    if output_format not in OUTPUT_FORMATS:
+        raise HepasegError(f"--format: expected one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     input_path, out_dir = Path(input_path), Path(out_dir)
-    _check_out_dir(out_dir, overwrite)  # fail before the slow parts
+    inputs = [input_path, checkpoint, onnx_model, liver_checkpoint]
+    # Before the slow parts: only an earlier predict output is replaced (with --overwrite), and
+    # never a folder holding (or inside) an input.
+    check_output_dir(out_dir, command="predict", inputs=inputs, overwrite=overwrite)
     timings: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    model, data_options, engine, model_name, model_options = _load_engine(checkpoint, onnx_model)
-    tumor_source = "--model" if onnx_model is not None else "--checkpoint"
-    tumor_source = f"{tumor_source} {onnx_model if onnx_model is not None else checkpoint}"
-    liver_loaded = None
-    if liver_checkpoint is None:
-        require_liver_stage(data_options, source=tumor_source)
-    else:
-        from hepaseg.training import load_checkpoint
-
-        liver_loaded = load_checkpoint(liver_checkpoint)
-        check_cascade(liver_loaded.data_options, data_options,
-                      liver_source=f"--liver-checkpoint {liver_checkpoint}", tumor_source=tumor_source)
-    timings["load_model"] = time.perf_counter() - t0
+    if models is None:
+        models = load_models(checkpoint, onnx_model, liver_checkpoint)
+        timings["load_model"] = models.seconds
+    model, data_options, engine = models.model, models.data_options, models.engine
+    model_name, model_options, liver_loaded = models.model_name, models.model_options, models.liver
+    liver_checkpoint = models.liver_checkpoint
 
     t0 = time.perf_counter()
-    volume, label_note = _read_case(input_path)
+    volume, label_note = _read_case(input_path, dicom)
     source = str(input_path)
+    if output_format != "nifti":
+        _check_seg_output(volume, source)
     check_ct_image(volume.image, source)
     check_volume_for_model(volume.image, data_options, model=model, source=source)
     liver = None
@@ -261,7 +351,14 @@ def predict_case(
             liver = cascade.liver > 0  # predicted liver; tumour lies within 5 mm of it
         timings.update({f"inference_{k}": v for k, v in cascade.timings.items()})
     timings["inference"] = time.perf_counter() - t0
-    warnings = list(cascade.warnings) if cascade is not None else []
+    warnings = list(volume.meta.get("warnings", []))  # odd DICOM images left out of the series
+    warnings += list(cascade.warnings) if cascade is not None else []
+    geometry = volume.source_geometry
+    if data_options.get("orientation") is None and geometry is not None and not geometry.is_identity:
+        warnings.append(
+            f"the checkpoint was trained on slices prepared before hepaseg sliced every source in one "
+            f"orientation, and this {geometry.axcodes} input was reoriented to LPS: re-prepare and re-train"
+        )
 
     t0 = time.perf_counter()
     mask = tumor
@@ -291,7 +388,11 @@ def predict_case(
         "connectivity": 26,
         "hepaseg_version": __version__,
         "label_note": label_note,
+        "output_format": output_format,
+        "orientation": {"canonical": CANONICAL_DESCRIPTION, **(geometry.as_dict() if geometry is not None else {})},
     }
+    if "series" in volume.meta:  # DICOM: which series was used, and why
+        settings["series"] = {**volume.meta["series"], "choice": volume.meta.get("series_choice")}
     if cascade is not None:
         settings["cascade"] = {
             "liver_checkpoint": str(liver_checkpoint),
@@ -311,12 +412,20 @@ def predict_case(
         names["metrics"] = "metrics.json"
     if cascade is not None:
         names["liver_mask"] = "liver_mask.nii.gz"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        write_label_nifti(mask, volume, tmp / names["mask"])
-        if cascade is not None:
+    if output_format == "dicom-seg":
+        names.pop("mask")
+        names.pop("liver_mask", None)
+    if output_format != "nifti":
+        names["seg"] = SEG_FILE
+    with atomic_dir(out_dir) as tmp:  # removed on any error or SIGTERM; the user's permissions, not 0700
+        write_output_marker(tmp, "predict")
+        if "mask" in names:
+            write_label_nifti(mask, volume, tmp / names["mask"])
+        if "liver_mask" in names:
             write_label_nifti(cascade.liver, volume, tmp / names["liver_mask"])
+        if "seg" in names:
+            _write_seg(tmp / names["seg"], volume, tumor, None if cascade is None else cascade.liver, models,
+                       threshold)
         write_text_atomic(tmp / names["lesions_csv"], lesions_to_csv(rows))
         write_json_atomic(
             tmp / names["lesions_json"],
@@ -328,11 +437,8 @@ def predict_case(
                      title=volume.case_id)
         if metrics is not None:
             write_json_atomic(tmp / names["metrics"], {**metrics, "settings": settings})
-        _check_out_dir(out_dir, overwrite)  # again: something may have appeared meanwhile
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # Again: something may have appeared meanwhile.
+        check_output_dir(out_dir, command="predict", inputs=inputs, overwrite=overwrite)
     timings["write"] = time.perf_counter() - t0
     return PredictResult(
         out_dir=out_dir,
@@ -347,20 +453,69 @@ def predict_case(
         model_name=model_name,
         settings=settings,
         warnings=warnings,
+        volume=volume,
+        tumor=tumor,
+        liver=None if cascade is None else cascade.liver,
     )
 
 
-def _read_case(path: Path) -> tuple[Any, str | None]:
+def _read_case(path: Path, dicom: DicomOptions | None = None) -> tuple[Any, str | None]:
     """Read a case with its label when it has one; without it when the label cannot be read.
 
     Prediction does not need labels (a LiTS test volume has none), so a missing or unreadable
-    label only drops ``metrics.json``; the returned note says why.
+    label only drops ``metrics.json``; the returned note says why. A SEG given with ``--seg``
+    is different: the user asked for it, so its errors stop the prediction.
     """
     try:
-        return read_volume(path, with_label=True), None
+        return read_volume(path, with_label=True, dicom=dicom), None
     except HepasegError as with_label_error:
-        volume = read_volume(path, with_label=False)  # an image problem raises its own error here
+        if dicom is not None and dicom.seg:
+            raise
+        with pywarnings.catch_warnings():
+            pywarnings.simplefilter("ignore")  # the first read already warned about dropped images
+            volume = read_volume(path, with_label=False, dicom=dicom)  # an image problem raises its own error
         return volume, f"labels not read: {with_label_error}"
+
+
+def _check_seg_output(volume, source: str) -> None:
+    """Refuse ``--format dicom-seg|both`` before inference when the input cannot carry a SEG."""
+    files = volume.meta.get("dicom_files")
+    if not files or not volume.meta.get("sop_instance_uids"):
+        raise HepasegError(
+            f"--format: DICOM-SEG output needs a DICOM input: expected a DICOM series, got a {volume.kind} case "
+            f"({source}). Use --format nifti"
+        )
+    if any("::" in str(f) for f in files):
+        raise HepasegError(
+            f"--format: {source}: DICOM-SEG output needs the source slices as files: expected an unpacked "
+            "series, got a zip archive. Unpack it and predict on the folder, or use --format nifti"
+        )
+    import pydicom
+
+    from hepaseg.io.dicom_seg import check_seg_source
+
+    check_seg_source(pydicom.dcmread(files[0], stop_before_pixels=True), files[0])
+
+
+def _write_seg(path: Path, volume, tumor: np.ndarray, liver: np.ndarray | None, models: LoadedModels,
+               threshold: float) -> None:
+    """The tumour (and cascade liver) masks, canonical ``(z, y, x)``, as a SEG on the source series."""
+    from hepaseg.io.dicom_seg import write_seg
+
+    def to_source(mask: np.ndarray) -> np.ndarray:
+        # Volumes in canonical orientation map back to the series' stacked slice order.
+        return volume.to_source(mask) if hasattr(volume, "to_source") else mask
+
+    segments = [("tumor", to_source(tumor))]
+    if liver is not None:
+        segments.append(("liver", to_source(liver)))
+    algorithm = {"version": __version__, "name": models.model_name, "checkpoint_sha256": models.sha256,
+                 "threshold": f"{float(threshold):g}"}
+    if models.liver is not None:
+        algorithm.update({"liver_model": models.liver.model_name, "liver_checkpoint_sha256": models.liver_sha256})
+    write_seg(path, segments, source_files=volume.meta["dicom_files"],
+              sop_instance_uids=volume.meta["sop_instance_uids"], algorithm=algorithm,
+              series_description=f"hepaseg {models.model_name}{' cascade' if liver is not None else ''}")
 
 
 def export_checkpoint(
@@ -368,11 +523,21 @@ def export_checkpoint(
 ) -> Path:
     """Export a training checkpoint to ONNX with its data options and model name as metadata.
 
+    ``onnx_path`` is checked first: a writable file path apart from the checkpoint; an existing
+    file there is replaced only when it is an earlier ``hepaseg export`` (ONNX producer "hepaseg").
+
     Returns:
         ``onnx_path``.
     """
     from hepaseg.training import load_checkpoint
 
+    check_output_file(onnx_path, option="--onnx", inputs=[checkpoint])
+    if Path(onnx_path).is_file() and not _is_hepaseg_onnx(Path(onnx_path)):
+        raise HepasegError(
+            f"{onnx_path}: --onnx exists and is not an ONNX file written by `hepaseg export`: expected a new file "
+            "name or an earlier export. hepaseg replaces only its own outputs: delete or move the file yourself, "
+            "or choose another --onnx"
+        )
     loaded = load_checkpoint(checkpoint)
     opts = parse_data_options(loaded.data_options, source=f"{checkpoint}: data options")
     return export_onnx(
@@ -392,3 +557,13 @@ def export_checkpoint(
             "hepaseg_version": __version__,
         },
     )
+
+
+def _is_hepaseg_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX model that ``hepaseg export`` wrote (its producer_name)."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False).producer_name == "hepaseg"
+    except Exception:  # noqa: BLE001 -- protobuf raises several types for a file that is not ONNX
+        return False

@@ -11,7 +11,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,9 +54,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; rename it onto ``path`` on success.
+    """Yield a temporary directory beside ``path``; move it onto ``path`` on success (:func:`replace_dir`).
 
-    ``path`` must not exist yet (callers decide whether to refuse or clear it).
+    ``path`` may be absent, an empty folder, or an earlier output that the caller has decided to
+    replace (see :func:`hepaseg.io.outputs.check_output_dir`). The temporary directory gets the
+    user's normal permissions (not mkdtemp's 0700) and is removed on any exception, SIGTERM
+    included when a handler turns it into one (the CLI installs such a handler).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,10 +67,34 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        replace_dir(tmp_path, path)
     except BaseException:
         shutil.rmtree(tmp_path, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _termination_deferred() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT until the block ends, so a swap of two folders is never cut in half.
+
+    The signals are recorded by a temporary handler and raised again afterwards, reaching the
+    previous handler (blocking with a signal mask would not do: Python runs its handlers in the
+    main thread whichever thread the signal reaches, and torch starts threads).
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in previous:
+        signal.signal(signum, lambda received, frame: held.append(received))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in held:
+            signal.raise_signal(signum)
 
 
 def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
@@ -73,23 +102,25 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
 
     An empty ``out`` is removed first; a non-empty one (a previous output the caller decided to
     replace) is renamed aside and deleted only after ``tmp`` is in place, and put back if that
-    rename fails, so ``out`` is never left half-written or missing.
+    rename fails, so ``out`` is never left half-written or missing. SIGTERM/SIGINT are held
+    until the swap is over. Callers check that ``out`` is theirs to replace first.
     """
     tmp, out = Path(tmp), Path(out)
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    old.rmdir()
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)  # put the previous output back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    with _termination_deferred():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if not out.exists():
+            os.replace(tmp, out)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old.rmdir()
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)  # put the previous output back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

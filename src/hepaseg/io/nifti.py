@@ -1,10 +1,12 @@
 """NIfTI reading and writing with nibabel, in hepaseg's ``(z, y, x)`` convention.
 
 NIfTI stores voxels in index order ``(i, j, k) = (x, y, z)`` with a 4 x 4 affine
-to RAS+ world mm. We keep the file's own affine (nibabel's ``img.affine``: the
-sform when set, else the qform) and never reorient the voxels, so a mask written
-back with the same affine overlays the source exactly; the array is only
+to RAS+ world mm. :func:`load_nifti` keeps the file's own affine (nibabel's
+``img.affine``: the sform when set, else the qform) and voxel order; the array is only
 transposed to ``(z, y, x)`` and the spacing (header zooms) reordered to match.
+:func:`~hepaseg.io.read_volume` then brings the volume to the canonical orientation
+(:mod:`hepaseg.io.orientation`), and the writers here put a mask back in the source's
+exact geometry: voxel order, affine, and the sform/qform with their codes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "check_label_values",
     "is_nifti_path",
     "load_nifti",
+    "nifti_header_geometry",
     "nifti_stem",
     "write_image_nifti",
     "write_label_nifti",
@@ -109,6 +112,23 @@ def load_nifti(
     return array, spacing, np.asarray(img.affine, dtype=np.float64)
 
 
+def nifti_header_geometry(path: str | os.PathLike) -> dict:
+    """The file's sform and qform with their codes (header only, no voxels read).
+
+    Returns:
+        ``{"sform": 4x4, "sform_code": int, "qform": 4x4, "qform_code": int}`` (float64).
+    """
+    header = nib.load(str(path)).header
+    sform, sform_code = header.get_sform(coded=True)
+    qform, qform_code = header.get_qform(coded=True)
+    return {
+        "sform": None if sform is None else np.asarray(sform, dtype=np.float64),
+        "sform_code": int(sform_code),
+        "qform": None if qform is None else np.asarray(qform, dtype=np.float64),
+        "qform_code": int(qform_code),
+    }
+
+
 def check_label_values(label: np.ndarray, path: str | os.PathLike) -> np.ndarray:
     """Return ``label`` as uint8 after checking it only holds {0, 1, 2}.
 
@@ -131,15 +151,16 @@ def check_label_values(label: np.ndarray, path: str | os.PathLike) -> np.ndarray
 
 
 def write_label_nifti(mask: np.ndarray, reference: Volume, path: str | os.PathLike) -> Path:
-    """Write a ``(z, y, x)`` mask as a uint8 NIfTI with ``reference``'s geometry.
+    """Write a ``(z, y, x)`` mask as a uint8 NIfTI in ``reference``'s source geometry.
 
-    The mask is transposed back to NIfTI's ``(x, y, z)`` and saved with
-    ``reference.affine`` (sform and qform, code 1 = scanner), so it overlays the
-    source CT in ITK-SNAP / 3D Slicer. Written atomically.
+    The mask (on ``reference``'s canonical grid) goes back to the source's voxel order
+    (:meth:`Volume.to_source`) and is saved with the source's affine; a NIfTI source keeps
+    its own sform/qform and codes, other sources get code 1 (scanner). So the mask
+    overlays the source CT voxel for voxel in ITK-SNAP / 3D Slicer. Written atomically.
 
     Args:
         mask: integer or bool array ``(z, y, x)`` with values 0..255 (e.g. 0/1 tumour
-            or 0/1/2 liver/tumour), same shape as ``reference.image``.
+            or 0/1/2 liver/tumour), same shape as ``reference.image`` (canonical order).
         reference: the volume the mask was computed on.
         path: destination ending in ``.nii.gz`` (or ``.nii``).
 
@@ -165,15 +186,37 @@ def write_label_nifti(mask: np.ndarray, reference: Volume, path: str | os.PathLi
             f"{path}: mask values do not fit uint8: expected integers 0..255, got range "
             f"{mask.min():g}..{mask.max():g}. Threshold or argmax the prediction first."
         )
-    return _write_nifti(mask.astype(np.uint8), reference.affine, path)
+    return _write_in_source_geometry(mask.astype(np.uint8), reference, path)
 
 
 def write_image_nifti(volume: Volume, path: str | os.PathLike) -> Path:
-    """Write ``volume.image`` (float32 HU, ``(z, y, x)``) as NIfTI with its affine, atomically."""
-    return _write_nifti(np.asarray(volume.image, dtype=np.float32), volume.affine, path)
+    """Write ``volume.image`` (float32 HU, ``(z, y, x)``) as NIfTI in its source geometry, atomically."""
+    return _write_in_source_geometry(np.asarray(volume.image, dtype=np.float32), volume, path)
 
 
-def _write_nifti(array_zyx: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
+def write_array_nifti(array_zyx: np.ndarray, reference: Volume, path: str | os.PathLike) -> Path:
+    """Write any array on ``reference``'s canonical grid (e.g. float16 probabilities) in its source geometry."""
+    array_zyx = np.asarray(array_zyx)
+    if array_zyx.shape != reference.shape:
+        raise HepasegError(
+            f"{path}: array shape mismatch: expected {reference.shape} (z, y, x) like {reference.case_id}, "
+            f"got {tuple(array_zyx.shape)}. Resample the array back to the source grid before writing."
+        )
+    return _write_in_source_geometry(array_zyx, reference, path)
+
+
+def _write_in_source_geometry(array_zyx: np.ndarray, reference: Volume, path: str | os.PathLike) -> Path:
+    geometry = reference.source_geometry
+    if geometry is None:
+        return _write_nifti(array_zyx, reference.affine, path)
+    return _write_nifti(
+        geometry.to_source(array_zyx), geometry.affine, path, header_forms=geometry.nifti_header
+    )
+
+
+def _write_nifti(
+    array_zyx: np.ndarray, affine: np.ndarray, path: str | os.PathLike, *, header_forms: dict | None = None
+) -> Path:
     path = Path(path)
     if not is_nifti_path(path):
         raise HepasegError(
@@ -184,9 +227,14 @@ def _write_nifti(array_zyx: np.ndarray, affine: np.ndarray, path: str | os.PathL
     affine = np.asarray(affine, dtype=np.float64)
     img = nib.Nifti1Image(data, affine)
     img.set_data_dtype(data.dtype)
-    # Both forms carry the geometry; code 1 ("scanner") because it comes from the source scan.
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
+    if header_forms is not None and (header_forms["sform_code"] > 0 or header_forms["qform_code"] > 0):
+        # A NIfTI source: keep its own forms and codes (an sform code 2 "aligned" stays 2).
+        img.set_sform(header_forms["sform"], code=header_forms["sform_code"])
+        img.set_qform(header_forms["qform"], code=header_forms["qform_code"])
+    else:
+        # Both forms carry the geometry; code 1 ("scanner") because it comes from the source scan.
+        img.set_sform(affine, code=1)
+        img.set_qform(affine, code=1)
     img.header.set_xyzt_units(xyz="mm")
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))

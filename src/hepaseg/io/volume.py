@@ -7,6 +7,11 @@ order ``(i, j, k) = (x, y, z)`` to world mm; writing a mask back with it makes
 the mask overlay the source in ITK-SNAP or 3D Slicer (for DICOM sources the
 affine is built from ImagePositionPatient / ImageOrientationPatient and
 converted from DICOM's LPS to RAS).
+
+:func:`~hepaseg.io.read_volume` returns every volume in the canonical orientation of
+:mod:`hepaseg.io.orientation` (rows anterior->posterior, columns the patient's right->left,
+slices inferior->superior); ``source_geometry`` records the source's own voxel order so
+that :meth:`Volume.to_source` and the writers put masks back exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from hepaseg.io.orientation import SourceGeometry
 
 __all__ = ["Volume", "LABEL_BACKGROUND", "LABEL_LIVER", "LABEL_TUMOR"]
 
@@ -37,6 +44,8 @@ class Volume:
         kind: reader that produced it: ``lits``, ``msd``, ``ircadb``, ``nifti``,
             ``dicom``, ``mrc`` or ``phantom``.
         meta: free-form provenance notes (e.g. ``{"spacing_note": "nominal 1 mm"}``).
+        source_geometry: the reader's own voxel order and affine when the arrays were
+            reoriented to the canonical orientation (``None``: the arrays are the source's).
     """
 
     image: np.ndarray
@@ -47,6 +56,7 @@ class Volume:
     source: str = ""
     kind: str = "nifti"
     meta: dict = field(default_factory=dict)
+    source_geometry: SourceGeometry | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -55,6 +65,18 @@ class Volume:
     @property
     def has_label(self) -> bool:
         return self.label is not None
+
+    def to_source(self, array_zyx: np.ndarray) -> np.ndarray:
+        """A ``(z, y, x)`` array on this volume's grid, in the source's own voxel order.
+
+        The identity when the volume was not reoriented (``source_geometry`` is ``None``).
+        """
+        array_zyx = np.asarray(array_zyx)
+        if array_zyx.shape != self.shape:
+            raise ValueError(f"array shape {array_zyx.shape} is not the volume's {self.shape}")
+        if self.source_geometry is None:
+            return array_zyx
+        return self.source_geometry.to_source(array_zyx)
 
     @property
     def voxel_volume_ml(self) -> float:

@@ -22,6 +22,7 @@ the previous checkpoint intact, never a truncated one.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,14 +75,30 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
                            "(RUN/best.ckpt or RUN/last.ckpt)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HepasegError(f"{path}: cannot read checkpoint (truncated or corrupt?): {reason[:200]}. "
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise HepasegError(f"{path}: cannot read checkpoint (truncated or corrupt?): {_first_line(exc)}. "
+                               "Use another checkpoint of the run, e.g. best.ckpt instead of last.ckpt") from None
+        # torch's own advice (re-run with weights_only=False) would let the file run code: not ours to give.
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise HepasegError(
+            f"{path}: checkpoint holds non-tensor Python objects{what}: expected only tensors and plain values, as "
+            "`hepaseg train` writes. hepaseg loads checkpoints weights-only and will not unpickle such objects "
+            "(unpickling can run code from the file). Use a checkpoint written by `hepaseg train`"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise HepasegError(f"{path}: cannot read checkpoint (truncated or corrupt?): {_first_line(exc)}. "
                            "Use another checkpoint of the run, e.g. best.ckpt instead of last.ckpt") from None
     if not isinstance(checkpoint, dict) or "hepaseg" not in checkpoint or "state_dict" not in checkpoint:
         raise HepasegError(f"{path}: not a hepaseg checkpoint: expected a file written by `hepaseg train` "
                            "(with a 'hepaseg' entry), got a torch file without one")
     return checkpoint
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> LoadedModel:

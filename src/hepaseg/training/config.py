@@ -61,6 +61,10 @@ class TrainConfig:
     synthetic_tumors: float = 0.0  # probability per training item of painting synthetic tumours
     synthetic_contrast_hu: list[float] | None = None  # darkening range [lo, hi] HU; None: calibrated at
     # train start from the train split (data.synthetic.synthetic_calibration), then stored here
+    synthetic_families: list[str] = field(default_factory=lambda: ["hypo"])  # lesion families drawn from,
+    # data.synthetic.FAMILIES: hypo | iso | hyper | rim | deposit ("hypo" only = Hu et al.; runs before it existed)
+    liver_enhancement: float = 0.0  # probability per training item of shifting the liver's HU (data.augment)
+    liver_enhancement_hu: list[float] = field(default_factory=lambda: [-60.0, 20.0])  # that shift's range, HU
     crop: int | None = None  # training crop size in prepared pixels; None = whole slices
     tumor_crop_fraction: float = 0.0  # share of training crops centred on a random tumour pixel
     num_workers: int = 0  # DataLoader worker processes per device
@@ -105,6 +109,8 @@ class TrainConfig:
         ]
         checks += [
             ("--synthetic-tumors", self.synthetic_tumors, 0 <= self.synthetic_tumors <= 1, "a probability in [0, 1]"),
+            ("--liver-enhancement", self.liver_enhancement, 0 <= self.liver_enhancement <= 1,
+             "a probability in [0, 1]"),
             ("--crop", self.crop, self.crop is None or (isinstance(self.crop, int) and self.crop > 0),
              "a positive integer (pixels)"),
             ("--tumor-crop-fraction", self.tumor_crop_fraction, 0 <= self.tumor_crop_fraction <= 1,
@@ -146,6 +152,22 @@ class TrainConfig:
             if len(values) != 2 or not 0 <= values[0] <= values[1]:
                 raise HepasegError(f"synthetic_contrast_hu: expected [lo, hi] HU with 0 <= lo <= hi, got {values!r}")
             self.synthetic_contrast_hu = [float(v) for v in values]
+        self._check_lesion_options()
+
+    def _check_lesion_options(self) -> None:
+        from hepaseg.data.synthetic import FAMILIES
+
+        families = [str(f).strip().lower() for f in (self.synthetic_families or [])]
+        bad = [f for f in families if f not in FAMILIES]
+        if not families or bad or len(set(families)) != len(families):
+            shown = bad[0] if bad else families
+            raise HepasegError(f"--synthetic-family: invalid value {shown!r}: expected one or more of "
+                               f"{', '.join(FAMILIES)} (each once), or all")
+        self.synthetic_families = families
+        values = list(self.liver_enhancement_hu)
+        if len(values) != 2 or not values[0] <= values[1]:
+            raise HepasegError(f"liver_enhancement_hu: expected [lo, hi] HU with lo <= hi, got {values!r}")
+        self.liver_enhancement_hu = [float(v) for v in values]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (what config.json and checkpoints store)."""

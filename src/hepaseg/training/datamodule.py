@@ -84,6 +84,9 @@ class SliceDataModule(L.LightningDataModule):
         options = dict(self.manifest.get("options", {}))
         keep = ("window", "size", "context_slices", "slices")
         data_options = {**{k: options.get(k) for k in keep}, "target": self.target}
+        # The in-plane orientation the slices were cut in (absent from datasets prepared before
+        # hepaseg sliced every source in one canonical orientation).
+        data_options["orientation"] = self.manifest.get("orientation")
         if options.get("roi") is not None:
             # The tumour stage of a cascade must see, at inference, the liver crop it was trained on
             # (hepaseg.inference.cascade). Absent for whole-slice datasets, as in older checkpoints.

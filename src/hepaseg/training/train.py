@@ -6,6 +6,7 @@ callbacks and loggers into a Lightning ``Trainer``, and reports what happened.
 
 Run directory layout::
 
+    RUN/.hepaseg-output.json     marker: a hepaseg run folder (only such a folder is replaced by --overwrite)
     RUN/config.json              resolved TrainConfig (written atomically at start)
     RUN/best.ckpt, RUN/last.ckpt best val_dice / latest epoch (atomic writes)
     RUN/result.json              TrainResult of the last invocation
@@ -14,17 +15,32 @@ Run directory layout::
 The same call runs single-process or as one rank of DDP (torchrun, SLURM
 ``srun``, or Lightning's own launcher, which re-executes the command line
 per device): only global rank 0 touches the run directory.
+
+Nothing is lost and nothing half-made is left:
+
+* ``--overwrite`` replaces only a folder with hepaseg's run marker; the earlier run is set
+  aside, and put back if the new run fails before its first checkpoint.
+* A run that fails before its first checkpoint (a NaN loss at step 0, a bad option found
+  late, SIGTERM during set-up) removes what it wrote, so the same command can simply be rerun.
+* SIGTERM during training (SLURM preemption, ``timeout``, ``docker stop``) finishes the
+  current step, saves ``RUN/last.ckpt`` and raises :class:`hepaseg.errors.Terminated`;
+  the same command with ``--resume`` continues from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +57,12 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hepaseg.data.prepare import read_manifest
-from hepaseg.errors import HepasegError
+from hepaseg.errors import HepasegError, Terminated
 from hepaseg.io.atomic import write_json_atomic
+from hepaseg.io.outputs import check_apart_from_inputs, check_output_dir, read_output_marker, write_output_marker
 from hepaseg.training.checkpoint import AtomicCheckpointIO, read_checkpoint
 from hepaseg.training.config import TrainConfig
 from hepaseg.training.datamodule import DatasetEpoch, SliceDataModule
@@ -64,7 +82,8 @@ class _NoAdvertising(logging.Filter):
 
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertising())
-_RUN_MARKERS = ("config.json", "last.ckpt", "best.ckpt")
+_RUN_FILES = ("config.json", "last.ckpt", "best.ckpt")
+_CHECKPOINTS = ("last.ckpt", "best.ckpt")
 
 
 @dataclass
@@ -132,30 +151,113 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     )
 
 
-def _prepare_run_dir(config: TrainConfig) -> Path | None:
-    """Check (and on rank 0 create / clear) the run directory; return the checkpoint to resume from."""
+@dataclass
+class _RunDir:
+    """What :func:`_prepare_run_dir` did, so that a failed start can be undone."""
+
+    resume_from: Path | None = None  # RUN/last.ckpt with --resume
+    fresh: bool = False  # a new run was started in the folder (not a resume)
+    created: bool = False  # the folder did not exist before (else it was empty, or an overwritten run)
+    aside: Path | None = None  # --overwrite: the earlier run, kept until the new one has a checkpoint
+
+
+def _prepare_run_dir(config: TrainConfig) -> _RunDir:
+    """Check (and on rank 0 create, or set aside for --overwrite) the run directory."""
     run = Path(config.out)
     last = run / "last.ckpt"
     if not _is_global_zero():
         # Other ranks start once rank 0 has checked (and written config.json): they would see a run.
-        return last if config.resume else None
-    present = [name for name in _RUN_MARKERS if (run / name).exists()]
+        return _RunDir(resume_from=last if config.resume else None)
     if config.resume:
         if not last.is_file():
             raise HepasegError(
                 f"{last}: not found: --resume needs the last.ckpt of an earlier run in --out. "
                 "Drop --resume to start a new run"
             )
-        return last
-    if present and not config.overwrite:
+        if read_output_marker(run) is None:  # a run from before the marker: continued in place, then marked
+            check_apart_from_inputs(run, "--out", [config.data])
+            write_output_marker(run, "train")
+        else:
+            check_output_dir(run, command="train", inputs=[config.data], reuse=True)
+        return _RunDir(resume_from=last)
+    marker = read_output_marker(run) if run.is_dir() else None
+    if marker is not None and marker["command"] == "train" and not config.overwrite:
+        present = [name for name in _RUN_FILES if (run / name).exists()]
         raise HepasegError(
-            f"{run}: already holds a run ({', '.join(present)}): expected a new or empty "
-            "directory. Pass --resume to continue it or --overwrite to replace it"
+            f"{run}: already holds a run ({', '.join(present) or 'started, no checkpoint'}): expected a new or "
+            "empty directory. Pass --resume to continue it or --overwrite to replace it"
         )
-    if present:  # --overwrite; only a directory that holds a run is ever deleted
-        shutil.rmtree(run)
+    # Only hepaseg's own run folder is replaced (--overwrite); never one holding or inside --data.
+    state = check_output_dir(run, command="train", inputs=[config.data], overwrite=config.overwrite)
+    created = not run.exists()
+    aside = None
+    if state == "own":
+        aside = Path(tempfile.mkdtemp(prefix=f".{run.name}.", suffix=".old", dir=run.parent))
+        aside.rmdir()
+        os.replace(run, aside)
+        created = True
     run.mkdir(parents=True, exist_ok=True)
-    return None
+    write_output_marker(run, "train")
+    return _RunDir(fresh=True, created=created, aside=aside)
+
+
+def _settle_run_dir(run_dir: _RunDir, run: Path, failed: bool) -> None:
+    """After train: a failed fresh start without any checkpoint is removed (an overwritten run put
+    back), so the same command can be rerun; otherwise an overwritten run is deleted now."""
+    if failed and run_dir.fresh and not any((run / name).is_file() for name in _CHECKPOINTS):
+        if run_dir.created:
+            shutil.rmtree(run, ignore_errors=True)
+        else:  # the user's empty folder: empty it again
+            for child in run.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        if run_dir.aside is not None:
+            os.replace(run_dir.aside, run)
+        return
+    if run_dir.aside is not None:
+        shutil.rmtree(run_dir.aside, ignore_errors=True)
+
+
+class _StopOnSigterm(Callback):
+    """SIGTERM: stop after the current step and save ``RUN/last.ckpt`` so that ``--resume`` continues.
+
+    Lightning's own SIGTERM handler raises ``SIGTERMException`` at the next step boundary; this
+    callback saves the checkpoint then (``on_exception``). A SIGTERM that arrives before Lightning
+    installs its handler sets :attr:`event` (see :func:`_sigterm_sets`), and the next step
+    boundary stops the fit instead (``should_stop``); :func:`train` saves after it.
+    """
+
+    def __init__(self, last: Path) -> None:
+        self.event = threading.Event()
+        self.last = last
+        self.saved = False
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if self.event.is_set():
+            trainer.should_stop = True
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.event.set()
+            trainer.save_checkpoint(self.last, weights_only=False)  # full state: --resume needs it
+            self.saved = True
+
+
+@contextlib.contextmanager
+def _sigterm_sets(event: threading.Event) -> Iterator[None]:
+    """While training, SIGTERM only sets ``event`` (Lightning adds its own handler on top, and runs
+    this one too): stopping then happens at a step boundary, never inside an optimizer step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _check_resume_matches(path: Path, config: TrainConfig) -> dict[str, Any]:
@@ -208,6 +310,10 @@ def _train_options(config: TrainConfig) -> dict[str, Any]:
     if config.synthetic_tumors:
         options["synthetic_tumors"] = config.synthetic_tumors
         options["synthetic_contrast_hu"] = tuple(config.synthetic_contrast_hu)
+        options["synthetic_families"] = tuple(config.synthetic_families)
+    if config.liver_enhancement:
+        options["liver_enhancement"] = config.liver_enhancement
+        options["liver_enhancement_hu"] = tuple(config.liver_enhancement_hu)
     return options
 
 
@@ -261,7 +367,21 @@ def train(config: TrainConfig) -> TrainResult:
     net = build_model(
         config.model, in_channels=datamodule.in_channels, num_classes=1, base_width=config.width, **config.model_options
     )
-    resume_from = _prepare_run_dir(config)
+    run_dir = _prepare_run_dir(config)
+    try:
+        result = _fit(config, run, run_dir.resume_from, datamodule, loss, net, calibration, t0)
+    except BaseException:
+        if _is_global_zero():
+            _settle_run_dir(run_dir, run, failed=True)
+        raise
+    if _is_global_zero():
+        _settle_run_dir(run_dir, run, failed=False)
+    return result
+
+
+def _fit(config: TrainConfig, run: Path, resume_from: Path | None, datamodule: SliceDataModule, loss, net,
+         calibration: dict[str, Any] | None, t0: float) -> TrainResult:
+    """The Lightning part of :func:`train`, in a prepared run directory."""
     if resume_from is not None:
         meta = _check_resume_matches(resume_from, config)["metrics"]
         rank_zero_info(
@@ -313,7 +433,10 @@ def train(config: TrainConfig) -> TrainResult:
         auto_insert_metric_name=False,
     )
     epoch_timer = _EpochTimer()
+    last = run / "last.ckpt"
+    sigterm = _StopOnSigterm(last)
     callbacks: list[Callback] = [
+        sigterm,
         checkpointer,
         last_checkpointer,
         epoch_timer,
@@ -352,16 +475,25 @@ def train(config: TrainConfig) -> TrainResult:
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _sigterm_sets(sigterm.event):
         # config.json is written first, so Lightning's "checkpoint directory is not empty" is expected.
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        except SIGTERMException:  # Lightning's own SIGTERM handling; the callback saved last.ckpt
+            sigterm.event.set()
+    if sigterm.event.is_set():
+        if not sigterm.saved:  # stopped by should_stop: save the state reached
+            trainer.save_checkpoint(last, weights_only=False)
+        raise Terminated(
+            f"{run}: training stopped by SIGTERM at step {trainer.global_step} (epoch {trainer.current_epoch}); "
+            f"saved {last}. Continue with the same command and --resume"
+        )
 
     stopped_by_time = timer is not None and timer.time_remaining("train") <= 0
-    last = run / "last.ckpt"
     if stopped_by_time:
         # The budget can end mid-epoch, after the last end-of-epoch save: save the state reached.
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)
         rank_zero_info(f"hepaseg: --max-minutes {config.max_minutes} reached; saved {last}")
     best_score = checkpointer.best_model_score
     best_val = float(best_score) if best_score is not None and math.isfinite(float(best_score)) else None

@@ -55,8 +55,9 @@ from scipy import ndimage
 from hepaseg.errors import HepasegError
 from hepaseg.inference.predictor import check_volume_for_model
 from hepaseg.inference.preprocess import parse_data_options, preprocess_slices, resize_slices
-from hepaseg.io import LABEL_TUMOR, Volume, read_volume
+from hepaseg.io import LABEL_TUMOR, DicomOptions, Volume, read_volume
 from hepaseg.io.atomic import atomic_path
+from hepaseg.io.outputs import check_output_file
 
 __all__ = ["BODY_ABOVE_HU", "ExplainResult", "default_queries", "explain_slice", "map_to_input_grid"]
 
@@ -173,13 +174,16 @@ def default_queries(
     return [tumour_point, background_point], [tumour_rule, background_rule]  # type: ignore[list-item]
 
 
-def _read_source(source: str | os.PathLike | Volume) -> Volume:
+def _read_source(source: str | os.PathLike | Volume, dicom: DicomOptions | None = None) -> Volume:
     if isinstance(source, Volume):
         return source
     try:
-        return read_volume(source, with_label=True)
+        return read_volume(source, with_label=True, dicom=dicom)
     except HepasegError:
-        return read_volume(source, with_label=False)  # an unlabelled source is fine; image errors raise here
+        if dicom is not None and dicom.seg:
+            raise  # a SEG the user named must be readable
+        # an unlabelled source is fine; image errors raise here
+        return read_volume(source, with_label=False, dicom=dicom)
 
 
 def _check_queries(queries: Sequence[Sequence[int]], hw: tuple[int, int]) -> list[tuple[int, int]]:
@@ -207,6 +211,7 @@ def explain_slice(
     out: str | os.PathLike,
     *,
     queries: Sequence[Sequence[int]] | None = None,
+    dicom: DicomOptions | None = None,
 ) -> ExplainResult:
     """Draw input, ground truth, prediction, context-block features and attention for one slice.
 
@@ -217,23 +222,26 @@ def explain_slice(
         out: the PNG to write (atomically; parent folders are created).
         queries: query pixels ``(y, x)`` in ORIGINAL slice pixels; default one tumour and
             one background pixel (see the module docstring).
+        dicom: series choice and SEG labels of a DICOM source (``--series``, ``--seg``, ``--seg-labels``).
 
     Returns:
         :class:`ExplainResult` with the arrays drawn.
 
     Raises:
         HepasegError: unreadable checkpoint or source, ``z`` out of range (naming the slice
-            and the volume's depth), a query outside the slice, an ``out`` that is not ``.png``.
+            and the volume's depth), a query outside the slice, an ``out`` that is not a writable
+            ``.png`` path apart from the inputs.
     """
     out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise HepasegError(f"--out: {out}: expected a .png file name, got suffix {out.suffix or 'none'!r}")
+    # Before any work: a writable .png path, not an input nor inside an input folder.
+    check_output_file(out, option="--out", inputs=[checkpoint, None if isinstance(source, Volume) else source],
+                      suffix=".png")
     from hepaseg.training import load_checkpoint  # torch + lightning: imported only when used
 
     loaded = load_checkpoint(checkpoint)
     model = loaded.model.eval().to("cpu")  # one slice: the CPU is quick enough and always there
     opts = parse_data_options(loaded.data_options, source=f"{checkpoint}: data options")
-    volume = _read_source(source)
+    volume = _read_source(source, dicom)
     where = volume.source or volume.case_id
     depth = volume.shape[0]
     if isinstance(z, bool) or not isinstance(z, (int, np.integer)) or not 0 <= z < depth:
