@@ -34,7 +34,7 @@ def test_two_workers_write_the_same_bytes_as_one(four_cases, tmp_path):
     m2 = prepare(four_cases, tmp_path / "w2", workers=2, report=report2, **kw)
     assert m1 == m1b == m2 and m1["n_slices"] == 4 * SHAPE[0]
     tree = _tree(tmp_path / "w1")
-    assert len(tree) == 5  # manifest + four shards
+    assert len(tree) == 6  # manifest, output marker, four shards
     assert tree == _tree(tmp_path / "w1b") == _tree(tmp_path / "w2")
     assert report1["workers"] == 1 and len(report1["peak_rss_mb"]) == 1
     assert report2["workers"] == 2 and 1 <= len(report2["peak_rss_mb"]) <= 2
