@@ -52,7 +52,8 @@ def context_block_flops(c: int, n: int, r: int = 8) -> int:
 
 
 def test_every_field_is_present_and_positive(result):
-    assert set(result) == {"machine", "settings", "models", "ratios", "attention", "prepare", "predict"}
+    assert set(result) == {"machine", "settings", "models", "ratios", "attention", "prepare", "prepare_workers",
+                           "predict", "write"}
     m = result["machine"]
     assert m["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert m["torch"] == torch.__version__ and m["cpu_cores"] >= 1 and m["torch_threads"] >= 1 and m["cpu"]
@@ -75,9 +76,22 @@ def test_every_field_is_present_and_positive(result):
     assert a["naive"]["peak_memory_mb"] >= a["naive_matrix_mb"]
     p = result["prepare"]
     assert p["slices"] == 8 and p["seconds"] > 0 and p["slices_per_s"] == pytest.approx(8 / p["seconds"])
+    m = result["prepare_workers"]
+    assert m["cases"] == bench.PREPARE_CASES and m["shape"] == [8, 64, 64] and m["workers"] == 2
+    assert m["slices"] == bench.PREPARE_CASES * 8 and m["identical_output"] is True
+    assert m["speedup"] == pytest.approx(m["one"]["seconds"] / m["many"]["seconds"])
+    for run in (m["one"], m["many"]):
+        assert run["slices_per_s"] == pytest.approx(m["slices"] / run["seconds"])
+        assert all(mb > 0 for mb in run["peak_rss_mb_per_worker"])
+    assert 1 <= len(m["many"]["peak_rss_mb_per_worker"]) <= 2
     q = result["predict"]
     assert q["kind"] == "phantom" and q["shape"] == [8, 64, 64] and q["width"] == 4 and q["lesions"] == 0
     assert q["seconds"] > 0 and all(v >= 0 for v in q["timings"].values())
+    w = result["write"]
+    assert w["shape"] == [8, 64, 64] and w["mask"] == "i.i.d. speckle"
+    # The speckle density of 8 M voxels in 3D-IRCADb 1.1 (33.8 M): about a quarter of the voxels.
+    assert w["tumor_voxels"] == pytest.approx(8 * 64 * 64 * 8e6 / (129 * 512 * 512), rel=0.1)
+    assert w["lesions"] > 0 and w["seconds"] >= sum(w["parts"].values()) > 0
     json.dumps(result)  # JSON-ready
 
 

@@ -398,3 +398,79 @@ def test_global_dice_pools_counts():
         global_dice([])
     with pytest.raises(ValueError, match=r"`per_case\[0\]` lacks 'pred_voxels'"):
         global_dice([{"intersection": 1, "target_voxels": 1}])
+
+
+# ----------------------------------------------------------------------------- cropped transforms
+def _naive_surface_distances(pred, target, spacing):
+    """The implementation before the cropped transforms: scipy erosion and two whole-array EDTs."""
+    cross = ndimage.generate_binary_structure(pred.ndim, 1)
+    ps = pred ^ ndimage.binary_erosion(pred, structure=cross, border_value=0)
+    ts = target ^ ndimage.binary_erosion(target, structure=cross, border_value=0)
+    return (
+        ndimage.distance_transform_edt(~ts, sampling=spacing)[ps],
+        ndimage.distance_transform_edt(~ps, sampling=spacing)[ts],
+    )
+
+
+def _random_scene(rng, ndim):
+    shape = tuple(int(rng.integers(3, 28)) for _ in range(ndim))
+
+    def mask():
+        m = np.zeros(shape, bool)
+        for _ in range(int(rng.integers(1, 4))):  # a few boxes, some far apart
+            c = [int(rng.integers(0, s)) for s in shape]
+            r = [int(rng.integers(0, max(1, s // 4))) for s in shape]
+            m[tuple(slice(max(0, ci - ri), ci + ri + 1) for ci, ri in zip(c, r))] = True
+        if rng.random() < 0.3:
+            m |= rng.random(shape) < 0.15  # speckle over the whole array
+        return m
+
+    return mask(), mask()
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_cropped_surface_distances_equal_the_whole_array_transform(ndim):
+    # Same distances, same order (C order of the surface pixels) as scipy over the whole array:
+    # exact for unit spacing (integer squared distances), within 1e-6 relative with a spacing.
+    rng = np.random.default_rng(11 + ndim)
+    for _ in range(120):
+        pred, target = _random_scene(rng, ndim)
+        spacing = None if rng.random() < 0.4 else tuple(float(rng.uniform(0.3, 3.0)) for _ in range(ndim))
+        ours = surface_distances(pred, target, spacing)
+        ref = _naive_surface_distances(pred, target, spacing)
+        for a, b in zip(ours, ref):
+            assert a.dtype == np.float64 and a.shape == b.shape
+            if spacing is None:
+                np.testing.assert_array_equal(a, b)
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+
+
+def test_cropped_transform_grows_its_box_until_no_outside_pixel_can_be_nearer():
+    # The query's first box (grown by the 60 px gap between the boxes) holds only the far source
+    # (0, 60) at 78 px, farther than the box's open face at 61 px; the nearer source (50, 70) at
+    # 70 px lies outside it, so the box must grow once more.
+    from hepaseg.evaluation.metrics import _directed_distances
+
+    query = np.zeros((100, 100), bool)
+    query[50, 0] = True
+    source = np.zeros_like(query)
+    source[0, 60] = source[50, 70] = True
+    assert _directed_distances(query, source, (1.0, 1.0)).tolist() == [70.0]
+    assert _directed_distances(query, source, (3.0, 1.0)).tolist() == [70.0]  # rows cost 3 mm: (0, 60) is 161
+    # The same with the near source removed: the far one is the answer.
+    source[50, 70] = False
+    assert _directed_distances(query, source, (1.0, 1.0)).tolist() == [pytest.approx(math.hypot(50, 60))]
+
+
+def test_speckled_volume_matches_the_whole_array_transform():
+    # The write step's bad case in small: a speckled prediction against a compact reference.
+    rng = np.random.default_rng(0)
+    pred = rng.random((12, 64, 64)) < 0.25
+    target = np.zeros_like(pred)
+    target[4:9, 20:40, 25:45] = True
+    ours = volume_metrics(pred, target, SPACING)
+    d_pt, d_tp = _naive_surface_distances(pred, target, SPACING)
+    assert ours["hausdorff"] == pytest.approx(max(d_pt.max(), d_tp.max()), rel=1e-6)
+    assert ours["hd95"] == pytest.approx(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)), rel=1e-6)
+    assert ours["assd"] == pytest.approx((d_pt.sum() + d_tp.sum()) / (d_pt.size + d_tp.size), rel=1e-6)

@@ -223,6 +223,9 @@ def prepare_command(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a previous prepare output at --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    workers: Annotated[
+        int, typer.Option(help="Processes preparing cases side by side (same output; one volume in memory each).")
+    ] = 1,
     series: SeriesOption = None,
     seg: SegOption = None,
     seg_labels: SegLabelsOption = None,
@@ -232,6 +235,7 @@ def prepare_command(
 
     lo_hi = _parse_floats(window, "--window", 2)
     z = _parse_floats(z_split, "--z-split", 3)
+    report: dict = {}
     prepare(
         sources,
         out,
@@ -250,8 +254,14 @@ def prepare_command(
         overwrite=overwrite,
         progress=progress,
         console=console,
+        workers=workers,
+        report=report,
         dicom=_dicom_options(series, seg, seg_labels),
     )  # prints the per-case table
+    peaks = [mb for mb in report["peak_rss_mb"].values() if mb is not None]
+    if workers > 1 and peaks:
+        console.print(f"{workers} workers, {report['seconds']:.1f} s; peak memory per worker: "
+                      + ", ".join(f"{mb:,.0f} MB" for mb in peaks))
 
 
 @app.command("sample")
@@ -654,6 +664,26 @@ def evaluate_command(
             console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
 
 
+def _cluster_step(plan: bool, run_index: int | None, worker: bool, collect: bool, out: Path, *, plan_fn,
+                  run_fn) -> bool:
+    """The --plan / --run-index / --worker part of compare and crossval; True when it handled the call."""
+    chosen = [name for name, on in (("--plan", plan), ("--run-index", run_index is not None), ("--worker", worker),
+                                    ("--collect", collect)) if on]
+    if len(chosen) > 1:
+        raise HepasegError(f"{' and '.join(chosen)}: expected at most one cluster step per call, got {len(chosen)}")
+    if plan:
+        runs = plan_fn()
+        console.print(f"{out / 'plan.json'}: {len(runs)} runs, indices 0..{len(runs) - 1} "
+                      f"(sbatch --array=0-{len(runs) - 1}); then --collect")
+        return True
+    if run_index is not None or worker:
+        outcome = run_fn(run_index)
+        console.print(f"ran {len(outcome['ran'])}, done before {len(outcome['done'])}, held by other workers "
+                      f"{len(outcome['held'])}" + (f": {', '.join(outcome['held'])}" if outcome["held"] else ""))
+        return True
+    return False
+
+
 @app.command("compare")
 @user_errors
 def compare_command(
@@ -675,11 +705,23 @@ def compare_command(
         bool,
         typer.Option("--size-check", help="Dry run: build, run and time each model at the data's size; no training."),
     ] = False,
+    plan: Annotated[bool, typer.Option("--plan", help="Cluster: write OUT/plan.json (the runs) and stop.")] = False,
+    run_index: Annotated[
+        Optional[int],
+        typer.Option(help="Cluster: train+evaluate plan entry I only (default $SLURM_ARRAY_TASK_ID when set)."),
+    ] = None,
+    worker: Annotated[
+        bool, typer.Option("--worker", help="Cluster: run every plan entry no live worker holds, then stop.")
+    ] = False,
+    collect: Annotated[
+        bool, typer.Option("--collect", help="Cluster: tables and tests from the finished runs; names the missing.")
+    ] = False,
 ) -> None:
     """Train and evaluate several networks under one protocol: Table 1, Wilcoxon tests, Dice box plot."""
     from rich.table import Table
 
     from hepaseg.evaluation import check_sizes, compare  # imports torch: keep `hepaseg --help` fast
+    from hepaseg.evaluation.compare import compare_collect, compare_plan, compare_run, run_index_from_env
 
     if size_check:
         rows = check_sizes(data, models=models, width=width, batch=batch_size)
@@ -690,18 +732,19 @@ def compare_command(
             table.add_row(row["model"], f"{row['params'] / 1e6:.3f}", f"{row['cpu_ms_per_slice']:.2f}")
         console.print(table)
         return
-    result = compare(
-        data,
-        out,
-        models=models,
-        seeds=seeds,
-        width=width,
-        max_minutes_per_run=max_minutes_per_run,
-        max_epochs=max_epochs,
-        train_overrides={"batch_size": batch_size, "precision": precision},
-        split=split,
-        log=lambda line: console.print(line, highlight=False),
-    )
+    common = dict(models=models, seeds=seeds, width=width, max_minutes_per_run=max_minutes_per_run,
+                  max_epochs=max_epochs, train_overrides={"batch_size": batch_size, "precision": precision},
+                  split=split)
+    say = lambda line: console.print(line, highlight=False)  # noqa: E731
+    if _cluster_step(plan, run_index if plan or worker or collect else run_index_from_env(run_index), worker,
+                     collect, out,
+                     plan_fn=lambda: compare_plan(data, out, **common),
+                     run_fn=lambda index: compare_run(data, out, run_index=index, log=say, **common)):
+        return
+    if collect:
+        result = compare_collect(data, out, log=say, **common)
+    else:
+        result = compare(data, out, log=say, **common)
     table = Table(title=f"compare: {len(result.models)} models x {len(result.seeds)} seeds (means over seeds)")
     for col in ("model", "dice (%)", "f1 (%)", "hausdorff (px)", "params (M)", "CPU ms/slice", "p vs mfcnet"):
         table.add_column(col, justify="right" if col != "model" else "left")
@@ -721,6 +764,8 @@ def compare_command(
         )
     console.print(table)
     _print_trained_and_written(result)
+    if result.missing:
+        console.print("missing (not finished, left out): " + ", ".join(f"{m}/seed{k}" for m, k in result.missing))
 
 
 # [cli:evaluation]
@@ -1077,13 +1122,32 @@ def crossval_command(
     score_tta: Annotated[
         bool, typer.Option("--score-tta", help="Predict the postprocess.md variants with flip TTA.")
     ] = False,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="Cluster: prepare the data, write OUT/plan.json (the runs) and stop.")
+    ] = False,
+    run_index: Annotated[
+        Optional[int],
+        typer.Option(help="Cluster: train+score plan entry I only (default $SLURM_ARRAY_TASK_ID when set)."),
+    ] = None,
+    worker: Annotated[
+        bool, typer.Option("--worker", help="Cluster: run every plan entry no live worker holds, then stop.")
+    ] = False,
+    collect: Annotated[
+        bool, typer.Option("--collect", help="Cluster: tables from the finished runs; names the missing.")
+    ] = False,
     series: SeriesOption = None,
     seg_labels: SegLabelsOption = None,
 ) -> None:
     """Leave-one-patient-out training and whole-volume scoring: Dice, lesion detection by size, FP rates."""
     from rich.table import Table
 
-    from hepaseg.inference.crossval import crossval  # imports torch: keep `hepaseg --help` fast
+    from hepaseg.evaluation.compare import run_index_from_env
+    from hepaseg.inference.crossval import (  # imports torch: keep `hepaseg --help` fast
+        crossval,
+        crossval_collect,
+        crossval_plan,
+        crossval_run,
+    )
     from hepaseg.inference.crossval_scoring import parse_settings, score_crossval
     from hepaseg.training import parse_key_values
 
@@ -1092,9 +1156,7 @@ def crossval_command(
     for key, value in (("synthetic_tumors", synthetic_tumors), ("augment", augment), ("batch_size", batch_size)):
         if value is not None:
             train_options[key] = value
-    result = crossval(
-        sources,
-        out,
+    options = dict(
         models=models,
         seeds=seeds,
         cascade=cascade,
@@ -1111,6 +1173,12 @@ def crossval_command(
         log=lambda line: console.print(line, highlight=False),
         dicom=_dicom_options(series, None, seg_labels),
     )
+    if _cluster_step(plan, run_index if plan or worker or collect else run_index_from_env(run_index), worker,
+                     collect, out,
+                     plan_fn=lambda: crossval_plan(sources, out, **options),
+                     run_fn=lambda index: crossval_run(sources, out, run_index=index, **options)):
+        return
+    result = (crossval_collect if collect else crossval)(sources, out, **options)
     table = Table(title=f"crossval: {len(result.folds)} folds x {len(result.seeds)} seeds (means)")
     for col in ("model", "dice (%)", "dice global (%)", "recall IoU>0.5 (%)", "recall any (%)", "FP lesions",
                 "FP slice rate (%)"):
@@ -1127,7 +1195,11 @@ def crossval_command(
                       mean("recall_any"), mean("fp_lesions", 1.0), mean("fp_slice_rate"))
     console.print(table)
     _print_trained_and_written(result)
-    if postprocess or ensemble_seeds or score_tta:
+    if result.missing:
+        console.print(f"missing (not finished, left out): {', '.join(result.missing)}")
+    if (postprocess or ensemble_seeds or score_tta) and result.missing:
+        console.print("post-processing scoring skipped: it needs every run finished", highlight=False)
+    elif postprocess or ensemble_seeds or score_tta:
         scored = score_crossval(out, settings, models=result.models, seeds=len(result.seeds),
                                 ensemble=ensemble_seeds, tta=score_tta,
                                 log=lambda line: console.print(line, highlight=False))

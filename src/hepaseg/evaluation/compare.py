@@ -22,6 +22,15 @@ retrained; a run with ``last.ckpt`` but no marker (interrupted) continues with
 ``resume=True``; a run killed before its first checkpoint starts again. So rerunning the
 same command after an interruption finishes the comparison.
 
+On a cluster (``hepaseg compare ... --plan | --run-index I | --worker | --collect``):
+:func:`compare_plan` pins the protocol and writes ``OUT/plan.json``, one entry per (model, seed)
+(``model/seed<k>``, models in order, then seeds); :func:`compare_run` trains and evaluates entry
+``I`` (an array task; default ``$SLURM_ARRAY_TASK_ID``) or, as a local worker, every entry that
+no live worker holds; :func:`compare_collect` writes the tables from whatever has finished and
+names what is missing. Workers share ``OUT`` through claim files in ``OUT/claims``
+(:mod:`hepaseg.io.claims`): a run is taken by one worker at a time, and a killed worker's run is
+taken over and resumed from its ``last.ckpt``. :func:`compare` itself claims each run too.
+
 Statistics: the paper reports no significance tests. We add a two-sided paired Wilcoxon
 signed-rank test (:func:`scipy.stats.wilcoxon`, zero differences dropped as in its default
 ``zero_method="wilcox"``) of mfcnet against each baseline on per-slice Dice, pairing slices
@@ -36,6 +45,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -54,12 +64,16 @@ from hepaseg.evaluation.evaluate import evaluate_checkpoint, json_safe
 from hepaseg.evaluation.metrics import SLICE_METRICS
 from hepaseg.evaluation.report import table1_markdown
 from hepaseg.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+from hepaseg.io.claims import Claim, claim_owner, run_claimed
 from hepaseg.io.outputs import check_output_dir, write_output_marker
 
 __all__ = [
     "CompareResult",
     "check_sizes",
     "compare",
+    "compare_collect",
+    "compare_plan",
+    "compare_run",
     "cpu_ms_per_slice",
     "parse_models",
     "wilcoxon_vs",
@@ -67,6 +81,9 @@ __all__ = [
 
 REFERENCE_MODEL = "mfcnet"
 _MARKER = "compare.json"
+#: Files shared by the workers of one output folder (see :func:`compare_run`).
+PLAN_FILE = "plan.json"
+CLAIMS_DIR = "claims"
 # TrainConfig fields compare sets itself; everything else may come in train_overrides.
 _OWN_FIELDS = ("data", "model", "out", "seed", "width", "model_options", "max_epochs", "max_minutes", "resume",
                "overwrite", "progress_bar")
@@ -89,6 +106,7 @@ class CompareResult:
     protocol: dict[str, Any]
     wall_seconds: float
     paths: dict[str, Path] = field(default_factory=dict)
+    missing: list[tuple[str, int]] = field(default_factory=list)  # planned (model, seed) not finished
 
 
 def parse_models(models: str | Sequence[str]) -> list[str]:
@@ -250,52 +268,36 @@ def _check_protocol(out: Path, protocol: dict[str, Any]) -> None:
         write_json_atomic(path, protocol)
 
 
-def compare(
-    data: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    models: str | Sequence[str] = "all",
-    seeds: int = 3,
-    width: int = 64,
-    max_minutes_per_run: float | None = None,
-    max_epochs: int = 50,
-    train_overrides: Mapping[str, Any] | None = None,
-    split: str = "test",
-    timing_repeats: int = 5,
-    log: Callable[[str], None] | None = None,
-) -> CompareResult:
-    """Train, evaluate and tabulate ``models`` x ``seeds`` under one protocol (see the module docstring).
+@dataclass
+class _Setup:
+    """Everything a comparison's runs share, checked once (and ``protocol.json`` pinned)."""
 
-    Args:
-        data: prepared dataset directory with train, val and ``split`` cases.
-        out: comparison directory (created; rerun with the same arguments to resume).
-        models: ``"all"`` (default: the ten registered networks), ``"unet,mfcnet"`` or a list.
-        seeds: number of seeds per model, >= 1 (default 3); seeds ``0 .. seeds - 1``.
-        width: ``base_width`` of every network (default 64, the papers').
-        max_minutes_per_run: wall-clock training budget of each run (default None: epochs only).
-        max_epochs: epoch budget of each run (default 50).
-        train_overrides: further :class:`hepaseg.training.TrainConfig` fields shared by every
-            run (``batch_size``, ``precision``, ``lr``, ``loss``, ``augment``, ``accelerator``...).
-            ``precision=None`` is resolved once from the hardware so all runs share it.
-        split: split to evaluate on (default ``"test"``).
-        timing_repeats: timed passes of the CPU ms/slice measurement (default 5, after 2 warm-up).
-        log: called with one line per step (e.g. ``console.print``); default silent.
+    data: Path
+    out: Path
+    names: list[str]
+    seeds: int
+    width: int
+    max_epochs: int
+    max_minutes_per_run: float | None
+    split: str
+    shared: dict[str, Any]
+    protocol: dict[str, Any]
+    manifest: dict[str, Any]
 
-    Returns:
-        A :class:`CompareResult`; the same numbers are in ``OUT/table.md``, ``results.csv``,
-        ``wilcoxon.csv`` and ``dice_boxplot.png``.
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        """The plan: one entry per (model, seed), models in order, then seeds."""
+        return [{"index": i, "id": f"{name}/seed{seed}", "model": name, "seed": seed}
+                for i, (name, seed) in enumerate((n, s) for n in self.names for s in range(self.seeds))]
 
-    Raises:
-        HepasegError: unknown model, seeds < 1, missing data or split, an override that is not a
-            TrainConfig field (or one compare sets itself), a protocol that differs from the one
-            already in ``out``, or any training/evaluation error.
-    """
-    from hepaseg.models import count_parameters
-    from hepaseg.training import TrainConfig, train
+    def run_dir(self, name: str, seed: int) -> Path:
+        return self.out / "runs" / name / f"seed{seed}"
+
+
+def _setup(data, out, *, models, seeds, width, max_minutes_per_run, max_epochs, train_overrides, split) -> _Setup:
+    from hepaseg.training import TrainConfig
     from hepaseg.training.train import resolve_config
 
-    t_start = time.perf_counter()
-    say = log or (lambda _msg: None)
     names = parse_models(models)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise HepasegError(f"--seeds: invalid value: expected a positive integer, got {seeds!r}")
@@ -325,52 +327,296 @@ def compare(
     if out_state == "new":
         write_output_marker(out, "compare")
     _check_protocol(out, protocol)
+    return _Setup(data=data, out=out, names=names, seeds=seeds, width=width, max_epochs=max_epochs,
+                  max_minutes_per_run=max_minutes_per_run, split=split, shared=shared, protocol=protocol,
+                  manifest=manifest)
 
-    runs: list[dict[str, Any]] = []
+
+def _is_done(setup: _Setup, name: str, seed: int) -> bool:
+    run = setup.run_dir(name, seed)
+    return _run_state(run, run / f"eval-{setup.split}") == "done"
+
+
+def _train_and_evaluate(setup: _Setup, name: str, seed: int, claim: Claim, say: Callable[[str], None],
+                        where: str) -> None:
+    """Train (or resume) one run, evaluate it, and publish its marker while ``claim`` is ours."""
+    from hepaseg.training import TrainConfig, train
+
+    run = setup.run_dir(name, seed)
+    eval_dir = run / f"eval-{setup.split}"
+    state = _run_state(run, eval_dir)
+    say(f"{where}: {'resuming' if state == 'resume' else 'training'}")
+    config = TrainConfig(data=str(setup.data), model=name, out=str(run), seed=seed, width=setup.width,
+                         max_epochs=setup.max_epochs, max_minutes=setup.max_minutes_per_run,
+                         resume=state == "resume", overwrite=state == "restart", progress_bar=False, **setup.shared)
+    result = train(config)
+    ckpt = result.best_checkpoint or result.last_checkpoint
+    if ckpt is None:
+        raise HepasegError(f"{run}: training wrote no checkpoint: expected best.ckpt or last.ckpt. "
+                           "Raise --max-minutes-per-run")
+    say(f"{where}: evaluating {ckpt.name} on {setup.split}")
+    evaluate_checkpoint(ckpt, setup.data, split=setup.split, out=eval_dir, device=None)
+    if not claim.still_owned():
+        raise HepasegError(f"{run}: another worker took this run over while it ran (its claim went stale): "
+                           "expected to hold it to the end. Its result is left to that worker")
+    write_json_atomic(run / _MARKER, json_safe({
+        "model": name, "seed": seed, "checkpoint": str(ckpt),
+        "train": result.to_dict(), "eval": str(eval_dir / "metrics.json"),
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+    }))
+
+
+def compare(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    models: str | Sequence[str] = "all",
+    seeds: int = 3,
+    width: int = 64,
+    max_minutes_per_run: float | None = None,
+    max_epochs: int = 50,
+    train_overrides: Mapping[str, Any] | None = None,
+    split: str = "test",
+    timing_repeats: int = 5,
+    log: Callable[[str], None] | None = None,
+) -> CompareResult:
+    """Train, evaluate and tabulate ``models`` x ``seeds`` under one protocol (see the module docstring).
+
+    Runs one after another in this process (:func:`compare_run` splits the same work over
+    cluster array tasks or local workers; each run is claimed, so this call may share ``out``
+    with such workers: it waits for the runs they hold).
+
+    Args:
+        data: prepared dataset directory with train, val and ``split`` cases.
+        out: comparison directory (created; rerun with the same arguments to resume).
+        models: ``"all"`` (default: the ten registered networks), ``"unet,mfcnet"`` or a list.
+        seeds: number of seeds per model, >= 1 (default 3); seeds ``0 .. seeds - 1``.
+        width: ``base_width`` of every network (default 64, the papers').
+        max_minutes_per_run: wall-clock training budget of each run (default None: epochs only).
+        max_epochs: epoch budget of each run (default 50).
+        train_overrides: further :class:`hepaseg.training.TrainConfig` fields shared by every
+            run (``batch_size``, ``precision``, ``lr``, ``loss``, ``augment``, ``accelerator``...).
+            ``precision=None`` is resolved once from the hardware so all runs share it.
+        split: split to evaluate on (default ``"test"``).
+        timing_repeats: timed passes of the CPU ms/slice measurement (default 5, after 2 warm-up).
+        log: called with one line per step (e.g. ``console.print``); default silent.
+
+    Returns:
+        A :class:`CompareResult`; the same numbers are in ``OUT/table.md``, ``results.csv``,
+        ``wilcoxon.csv`` and ``dice_boxplot.png``.
+
+    Raises:
+        HepasegError: unknown model, seeds < 1, missing data or split, an override that is not a
+            TrainConfig field (or one compare sets itself), a protocol that differs from the one
+            already in ``out``, or any training/evaluation error.
+    """
+    t_start = time.perf_counter()
+    say = log or (lambda _msg: None)
+    setup = _setup(data, out, models=models, seeds=seeds, width=width, max_minutes_per_run=max_minutes_per_run,
+                   max_epochs=max_epochs, train_overrides=train_overrides, split=split)
     trained: list[tuple[str, int]] = []
+    total = len(setup.runs)
+    for entry in setup.runs:
+        name, seed = entry["model"], entry["seed"]
+        where = f"[{entry['index'] + 1}/{total}] {name} seed {seed}"
+        outcome = run_claimed(
+            setup.out / CLAIMS_DIR, entry["id"], lambda n=name, k=seed: _is_done(setup, n, k),
+            lambda claim, n=name, k=seed, w=where: _train_and_evaluate(setup, n, k, claim, say, w),
+            wait=True, log=say,
+        )
+        if outcome == "ran":
+            trained.append((name, seed))
+        else:
+            say(f"{where}: done already, skipped")
+    return _collect(setup, timing_repeats=timing_repeats, say=say, trained=trained, t_start=t_start)
+
+
+def compare_plan(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    models: str | Sequence[str] = "all",
+    seeds: int = 3,
+    width: int = 64,
+    max_minutes_per_run: float | None = None,
+    max_epochs: int = 50,
+    train_overrides: Mapping[str, Any] | None = None,
+    split: str = "test",
+) -> list[dict[str, Any]]:
+    """Pin the protocol and write ``OUT/plan.json``: the runs that ``compare_run`` executes by index.
+
+    Arguments as :func:`compare`. Returns the runs: ``index``, ``id`` (``model/seed<k>``),
+    ``model``, ``seed``; index ``i`` is array task ``i`` (``sbatch --array=0-<n-1>``).
+    """
+    setup = _setup(data, out, models=models, seeds=seeds, width=width, max_minutes_per_run=max_minutes_per_run,
+                   max_epochs=max_epochs, train_overrides=train_overrides, split=split)
+    write_json_atomic(setup.out / PLAN_FILE, {"kind": "compare", "runs": setup.runs, "protocol": setup.protocol})
+    return setup.runs
+
+
+def read_plan(out: str | os.PathLike, kind: str, expected: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``OUT/plan.json``'s runs, checked against the runs this call's options give.
+
+    Raises:
+        HepasegError: no plan (run ``--plan`` first), another kind's plan, or other runs.
+    """
+    path = Path(out) / PLAN_FILE
+    if not path.is_file():
+        raise HepasegError(f"{path}: plan not found: expected the plan that `--plan` writes. Run the same command "
+                           "with --plan once before the array job")
+    plan = json.loads(path.read_text())
+    if plan.get("kind") != kind:
+        raise HepasegError(f"{path}: plan of {plan.get('kind')!r}: expected a {kind} plan. Use another --out")
+    if [r["id"] for r in plan["runs"]] != [r["id"] for r in expected]:
+        raise HepasegError(f"{path}: the plan lists other runs than this call's options give: expected "
+                           f"{len(expected)} runs ({', '.join(r['id'] for r in expected[:3])}...), got "
+                           f"{len(plan['runs'])}. Pass the same --models/--seeds (and options) as --plan")
+    return plan["runs"]
+
+
+def run_index_from_env(run_index: int | None) -> int | None:
+    """``run_index``, or ``$SLURM_ARRAY_TASK_ID`` when it is None and set (an array task), else None."""
+    if run_index is not None:
+        return run_index
+    value = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise HepasegError(f"SLURM_ARRAY_TASK_ID: expected an integer array index, got {value!r}. Pass "
+                           "--run-index") from None
+
+
+def run_plan(runs: list[dict[str, Any]], claims: Path, run_index: int | None, is_done, work, say) -> dict[str, list]:
+    """Execute plan entry ``run_index`` (waiting while a live worker holds it), or (None) every entry
+    no live worker holds, each claimed.
+
+    ``is_done(entry)`` and ``work(entry, claim, where)`` do the caller's part. Returns
+    ``{"ran": [ids], "done": [ids], "held": [ids]}``.
+    """
+    if run_index is not None:
+        if not 0 <= run_index < len(runs):
+            raise HepasegError(f"--run-index: expected 0..{len(runs) - 1} (the plan has {len(runs)} runs), got "
+                               f"{run_index}")
+        chosen = [runs[run_index]]
+    else:
+        chosen = runs
+    outcome: dict[str, list] = {"ran": [], "done": [], "held": []}
+    for entry in chosen:
+        where = f"[{entry['index']}] {entry['id']}"
+        # An array task owns its index: it waits for a live holder (a requeued task whose killed
+        # predecessor's claim has not gone stale yet) rather than leave the run undone. A worker
+        # looping over the plan leaves held runs to their holders.
+        result = run_claimed(claims, entry["id"], lambda e=entry: is_done(e),
+                             lambda claim, e=entry, w=where: work(e, claim, w), wait=run_index is not None,
+                             poll_s=30.0, log=say)
+        outcome[result].append(entry["id"])
+        if result == "held":
+            owner = claim_owner(claims, entry["id"]) or {}
+            say(f"{where}: held by {owner.get('host')}:{owner.get('pid')}, left to it")
+        elif result == "done":
+            say(f"{where}: done already")
+    return outcome
+
+
+def compare_run(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    run_index: int | None = None,
+    models: str | Sequence[str] = "all",
+    seeds: int = 3,
+    width: int = 64,
+    max_minutes_per_run: float | None = None,
+    max_epochs: int = 50,
+    train_overrides: Mapping[str, Any] | None = None,
+    split: str = "test",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, list]:
+    """Train and evaluate plan entry ``run_index`` of ``OUT/plan.json`` (one array task), or with
+    ``run_index=None`` every entry that no live worker holds (a local worker).
+
+    Each run is claimed first (:mod:`hepaseg.io.claims`): a run whose worker died (its process is
+    gone on this host, or its heartbeat is 10 minutes old) is taken over and resumed from its
+    ``last.ckpt``; a run a live worker holds is waited for with ``run_index`` and left to it
+    without. Arguments as :func:`compare`, which must match ``--plan``'s.
+
+    Returns:
+        ``{"ran": [ids], "done": [ids], "held": [ids]}`` for the entries this call looked at.
+    """
+    say = log or (lambda _msg: None)
+    setup = _setup(data, out, models=models, seeds=seeds, width=width, max_minutes_per_run=max_minutes_per_run,
+                   max_epochs=max_epochs, train_overrides=train_overrides, split=split)
+    runs = read_plan(setup.out, "compare", setup.runs)
+    return run_plan(
+        runs, setup.out / CLAIMS_DIR, run_index,
+        lambda e: _is_done(setup, e["model"], e["seed"]),
+        lambda e, claim, where: _train_and_evaluate(setup, e["model"], e["seed"], claim, say, where), say,
+    )
+
+
+def compare_collect(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    models: str | Sequence[str] = "all",
+    seeds: int = 3,
+    width: int = 64,
+    max_minutes_per_run: float | None = None,
+    max_epochs: int = 50,
+    train_overrides: Mapping[str, Any] | None = None,
+    split: str = "test",
+    timing_repeats: int = 5,
+    log: Callable[[str], None] | None = None,
+) -> CompareResult:
+    """Tables, tests and plots from the runs finished so far; ``missing`` names the others.
+
+    Arguments as :func:`compare`. Trains nothing. Raises HepasegError when no run has finished.
+    """
+    setup = _setup(data, out, models=models, seeds=seeds, width=width, max_minutes_per_run=max_minutes_per_run,
+                   max_epochs=max_epochs, train_overrides=train_overrides, split=split)
+    return _collect(setup, timing_repeats=timing_repeats, say=log or (lambda _msg: None), trained=[],
+                    t_start=time.perf_counter())
+
+
+def _collect(setup: _Setup, *, timing_repeats: int, say, trained, t_start: float) -> CompareResult:
+    from hepaseg.models import count_parameters
+    from hepaseg.training import load_checkpoint
+
+    out, split, seeds = setup.out, setup.split, setup.seeds
+    runs: list[dict[str, Any]] = []
+    missing: list[tuple[str, int]] = []
     dice_by_model: dict[str, dict[tuple, float]] = {}
     loaded_any: dict[str, Path] = {}
-    total = len(names) * seeds
-    for m_i, name in enumerate(names):
-        dice_by_model[name] = {}
-        for seed in range(seeds):
-            step = m_i * seeds + seed + 1
-            run = out / "runs" / name / f"seed{seed}"
-            eval_dir = run / f"eval-{split}"
-            state = _run_state(run, eval_dir)
-            if state != "done":
-                say(f"[{step}/{total}] {name} seed {seed}: {'resuming' if state == 'resume' else 'training'}")
-                config = TrainConfig(data=str(data), model=name, out=str(run), seed=seed, width=width,
-                                     max_epochs=max_epochs, max_minutes=max_minutes_per_run,
-                                     resume=state == "resume", overwrite=state == "restart",
-                                     progress_bar=False, **shared)
-                result = train(config)
-                trained.append((name, seed))
-                ckpt = result.best_checkpoint or result.last_checkpoint
-                if ckpt is None:
-                    raise HepasegError(f"{run}: training wrote no checkpoint: expected best.ckpt or last.ckpt. "
-                                       "Raise --max-minutes-per-run")
-                say(f"[{step}/{total}] {name} seed {seed}: evaluating {ckpt.name} on {split}")
-                evaluate_checkpoint(ckpt, data, split=split, out=eval_dir, device=None)
-                write_json_atomic(run / _MARKER, json_safe({
-                    "model": name, "seed": seed, "checkpoint": str(ckpt),
-                    "train": result.to_dict(), "eval": str(eval_dir / "metrics.json"),
-                }))
-            else:
-                say(f"[{step}/{total}] {name} seed {seed}: done already, skipped")
-            marker = json.loads((run / _MARKER).read_text())
-            metrics = json.loads((eval_dir / "metrics.json").read_text())
-            loaded_any.setdefault(name, Path(marker["checkpoint"]))
-            train_info = marker["train"]
-            summary = {k: (math.nan if v is None else v) for k, v in metrics["summary"].items()}
-            runs.append({
-                "model": name, "seed": seed, **{k: summary[k] for k in summary},
-                "epochs": train_info.get("epochs"), "best_val_dice": train_info.get("best_val_dice"),
-                "stopped_by_time": train_info.get("stopped_by_time"), "train_wall_s": train_info.get("wall_seconds"),
-                "checkpoint": marker["checkpoint"],
-            })
-            for (case, z), d in _read_slice_dice(eval_dir / "slices.csv").items():
-                dice_by_model[name][(seed, case, z)] = d
+    for entry in setup.runs:
+        name, seed = entry["model"], entry["seed"]
+        dice_by_model.setdefault(name, {})
+        if not _is_done(setup, name, seed):
+            missing.append((name, seed))
+            continue
+        run = setup.run_dir(name, seed)
+        eval_dir = run / f"eval-{split}"
+        marker = json.loads((run / _MARKER).read_text())
+        metrics = json.loads((eval_dir / "metrics.json").read_text())
+        loaded_any.setdefault(name, Path(marker["checkpoint"]))
+        train_info = marker["train"]
+        summary = {k: (math.nan if v is None else v) for k, v in metrics["summary"].items()}
+        runs.append({
+            "model": name, "seed": seed, **{k: summary[k] for k in summary},
+            "epochs": train_info.get("epochs"), "best_val_dice": train_info.get("best_val_dice"),
+            "stopped_by_time": train_info.get("stopped_by_time"), "train_wall_s": train_info.get("wall_seconds"),
+            "checkpoint": marker["checkpoint"],
+        })
+        for (case, z), d in _read_slice_dice(eval_dir / "slices.csv").items():
+            dice_by_model[name][(seed, case, z)] = d
+    if missing:
+        say(f"missing (not finished): {', '.join(f'{n}/seed{k}' for n, k in missing)}")
+    names = [n for n in setup.names if n in loaded_any]  # models with at least one finished run
+    if not names:
+        raise HepasegError(f"{out}: no finished run to collect: expected at least one of the "
+                           f"{len(setup.runs)} planned runs done. Run the workers (--run-index) first")
+    dice_by_model = {n: dice_by_model[n] for n in names}
 
     paths: dict[str, Path] = {}
     for name in names:
@@ -381,11 +627,9 @@ def compare(
                  "last.ckpt without validation); predict with --checkpoints-from this file")
 
     # Size and speed, measured now on this machine (after training, so nothing else of ours runs).
-    from hepaseg.training import load_checkpoint
-
     params: dict[str, int] = {}
     cpu_ms: dict[str, float] = {}
-    size = int(manifest["options"]["size"])
+    size = int(setup.manifest["options"]["size"])
     for name in names:
         loaded = load_checkpoint(loaded_any[name])
         params[name] = count_parameters(loaded.model)
@@ -411,11 +655,12 @@ def compare(
     paths["wilcoxon"] = _write_csv(out / "wilcoxon.csv", tests, test_cols)
     paths["boxplot"] = _boxplot(out / "dice_boxplot.png", dice_by_model, seeds)
     wall = time.perf_counter() - t_start
-    table = _table_markdown(names, seeds, runs, params, cpu_ms, tests, protocol, manifest, data, split, trained, wall)
+    table = _table_markdown(names, seeds, runs, params, cpu_ms, tests, setup.protocol, setup.manifest, setup.data,
+                            split, trained, wall, missing)
     paths["table"] = write_text_atomic(out / "table.md", table)
     return CompareResult(out=out, models=names, seeds=list(range(seeds)), runs=runs, wilcoxon=tests, params=params,
-                         cpu_ms_per_slice=cpu_ms, trained=trained, table=table, protocol=protocol,
-                         wall_seconds=wall, paths=paths)
+                         cpu_ms_per_slice=cpu_ms, trained=trained, table=table, protocol=setup.protocol,
+                         wall_seconds=wall, paths=paths, missing=missing)
 
 
 def _boxplot(path: Path, dice_by_model: Mapping[str, Mapping[tuple, float]], seeds: int) -> Path:
@@ -445,7 +690,7 @@ def _fmt_p(p: float) -> str:
 
 
 def _table_markdown(names, seeds, runs, params, cpu_ms, tests, protocol, manifest, data, split, trained,
-                    wall) -> str:
+                    wall, missing=()) -> str:
     means: dict[str, dict[str, float]] = {}
     sds: dict[str, dict[str, float]] = {}
     epochs: dict[str, str] = {}
@@ -514,4 +759,7 @@ def _table_markdown(names, seeds, runs, params, cpu_ms, tests, protocol, manifes
         "Wilcoxon signed-rank tests above."),
         f"- this call: trained or resumed {len(trained)} of {len(runs)} runs, {wall / 60:.1f} min wall",
     ]
+    if missing:
+        lines.append(f"- **incomplete: {len(missing)} planned run(s) not finished, left out of every number above: "
+                     + ", ".join(f"{n}/seed{k}" for n, k in missing) + "**")
     return "\n".join(lines) + "\n"

@@ -36,8 +36,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import cc3d
 import numpy as np
-from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 __all__ = [
@@ -46,9 +46,11 @@ __all__ = [
     "diameter_bin",
     "fp_slice_rate",
     "label_lesions",
+    "label_lesions_cropped",
     "lesion_detection",
     "lesion_diameters",
     "section_diameters",
+    "section_diameters_of_pixels",
     "tumor_free_liver_slices",
 ]
 
@@ -110,10 +112,27 @@ def section_diameters(slice_labels: np.ndarray, spacing_yx: np.ndarray) -> tuple
         ``(labels, diameters)``: the labels present (int64, ascending) and their diameters (mm).
     """
     ys, xs = np.nonzero(slice_labels)
+    return section_diameters_of_pixels(ys, xs, slice_labels[ys, xs], spacing_yx)
+
+
+def section_diameters_of_pixels(
+    ys: np.ndarray, xs: np.ndarray, lab: np.ndarray, spacing_yx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`section_diameters` from a slice's labelled pixels, as ``np.nonzero`` lists them.
+
+    Args:
+        ys, xs: pixel rows and columns in row-major order (``np.nonzero`` of the slice).
+        lab: their labels (nonzero).
+        spacing_yx: pixel size in mm, ``(y, x)``.
+
+    Returns:
+        ``(labels, diameters)``: the labels present (int64, ascending) and their diameters (mm).
+    """
     if ys.size == 0:
         return np.zeros(0, np.int64), np.zeros(0)
-    lab = slice_labels[ys, xs]
-    order = np.lexsort((xs, ys, lab))  # by label, then row, then column
+    # By label, then row, then column: the pixels already come by row then column, so a stable
+    # sort on the label alone gives that order (radix sort for 8/16-bit labels).
+    order = np.argsort(lab, kind="stable")
     ys, xs, lab = ys[order], xs[order], lab[order]
     row_start = np.flatnonzero(np.r_[True, (lab[1:] != lab[:-1]) | (ys[1:] != ys[:-1])])
     row_end = np.r_[row_start[1:], ys.size] - 1
@@ -183,6 +202,38 @@ def _check_spacing(spacing: Sequence[float]) -> np.ndarray:
     return values
 
 
+#: ``connectivity`` (1, 2, 3 as in ``ndimage.generate_binary_structure``) -> cc3d's neighbour count.
+_CC3D_NEIGHBOURS = {1: 6, 2: 18, 3: 26}
+
+
+def label_lesions_cropped(mask: np.ndarray, *, connectivity: int = 3) -> tuple[np.ndarray, int, tuple[slice, ...]]:
+    """:func:`label_lesions` on the bounding box of the foreground only.
+
+    A full-size label array of a 129 x 512 x 512 scan is 135 MB of int32 that is mostly zeros;
+    the box is what the callers read. ``cc3d`` labels 4-5x faster than ``ndimage.label`` and
+    numbers components the same way (raster order of each component's first voxel).
+
+    Returns:
+        ``(labels, n, box)``: unsigned integer labels of ``mask[box]`` (the dtype cc3d picks for
+        ``n``), the number of components, and the box (empty slices when there is no foreground).
+    """
+    if connectivity not in (1, 2, 3):
+        raise ValueError(f"`connectivity` must be 1, 2 or 3, got {connectivity!r}")
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"`mask` must be 3D (z, y, x), got shape {mask.shape}")
+    fg = mask != 0
+    box = []
+    for axis in range(3):
+        idx = np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != axis)))
+        if idx.size == 0:
+            return np.zeros((0, 0, 0), np.uint16), 0, (slice(0, 0),) * 3
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    labels, n = cc3d.connected_components(fg[tuple(box)], connectivity=_CC3D_NEIGHBOURS[connectivity],
+                                          return_N=True)
+    return labels, int(n), tuple(box)
+
+
 def label_lesions(mask: np.ndarray, *, connectivity: int = 3) -> tuple[np.ndarray, int]:
     """Label the 3D connected components of a ``(z, y, x)`` mask (nonzero = lesion).
 
@@ -192,15 +243,12 @@ def label_lesions(mask: np.ndarray, *, connectivity: int = 3) -> tuple[np.ndarra
 
     Returns:
         ``(labels, n)``: int32 ``(z, y, x)`` with 0 = background and ``1..n`` numbered in
-        raster order of each component's first voxel; ``n`` components.
+        raster order of each component's first voxel (as ``scipy.ndimage.label``); ``n`` components.
     """
-    if connectivity not in (1, 2, 3):
-        raise ValueError(f"`connectivity` must be 1, 2 or 3, got {connectivity!r}")
-    mask = np.asarray(mask)
-    if mask.ndim != 3:
-        raise ValueError(f"`mask` must be 3D (z, y, x), got shape {mask.shape}")
-    labels, n = ndimage.label(mask != 0, structure=ndimage.generate_binary_structure(3, connectivity))
-    return labels.astype(np.int32, copy=False), int(n)
+    cropped, n, box = label_lesions_cropped(mask, connectivity=connectivity)
+    labels = np.zeros(np.shape(mask), np.int32)
+    labels[box] = cropped
+    return labels, n
 
 
 def lesion_diameters(labels: np.ndarray, n: int, spacing: Sequence[float]) -> np.ndarray:

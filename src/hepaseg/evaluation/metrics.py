@@ -63,18 +63,25 @@ target not empty, pred empty  0      0      0           0       computed      wo
 MONAI and medpy return NaN/inf or raise on empty masks; the tests pin our policy against
 MONAI's ``ignore_empty=False`` Dice/IoU where they coincide.
 
-Speed: both masks are cropped to the bounding box of their union before erosion and the
-distance transform (distances are unchanged: every surface pixel lies inside it), which
-makes a typical 224x224 tumour slice cost well under a millisecond.
+Speed: both masks are cropped to the bounding box of their union before erosion (distances are
+unchanged: every surface pixel lies inside it), which makes a typical 224x224 tumour slice cost
+well under a millisecond. Each direction's distance transform is then taken only over the box
+of its query surface grown until no source pixel outside can be nearer (see
+:func:`_directed_distances`), with the ``edt`` package's exact transform (float32 squared
+distances: exact for unit spacing, within about 1e-7 relative of scipy's float64 transform with
+a spacing). A speckled prediction of a whole CT volume thus costs one transform of the volume for
+``d(P->T)`` and a small box around the reference for ``d(T->P)``, instead of two transforms of
+the volume with scipy (19-40 s on 129 x 512 x 512 before; ``hepaseg benchmark`` measures it).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
+import edt
 import numpy as np
-from scipy import ndimage
 
 __all__ = [
     "SLICE_METRICS",
@@ -150,21 +157,98 @@ def _check_spacing(spacing: Sequence[float], ndim: int) -> tuple[float, ...]:
     return values
 
 
-def _union_bbox(pred: np.ndarray, target: np.ndarray) -> tuple[slice, ...]:
-    """Bounding box of ``pred | target`` (both assumed to have foreground)."""
-    union = pred | target
+def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Bounding box of the foreground of ``mask``; None when it has none."""
     box = []
-    for axis in range(union.ndim):
-        others = tuple(a for a in range(union.ndim) if a != axis)
-        idx = np.flatnonzero(union.any(axis=others))
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=others))
+        if idx.size == 0:
+            return None
         box.append(slice(int(idx[0]), int(idx[-1]) + 1))
     return tuple(box)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    # Cross-shaped (connectivity 1) erosion with the outside as background, as MONAI/medpy.
-    structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    return mask ^ ndimage.binary_erosion(mask, structure=structure, border_value=0)
+    """Foreground pixels with a face neighbour in the background, the outside counting as background.
+
+    The same as ``mask ^ binary_erosion(mask, cross, border_value=0)`` (MONAI/medpy), computed with
+    two shifted ANDs per axis instead of scipy's generic erosion (several times faster on a
+    129 x 512 x 512 volume).
+    """
+    interior = mask.copy()
+    for axis in range(mask.ndim):
+        head = [slice(None)] * mask.ndim
+        tail = [slice(None)] * mask.ndim
+        head[axis], tail[axis] = slice(1, None), slice(None, -1)
+        interior[tuple(head)] &= mask[tuple(tail)]
+        interior[tuple(tail)] &= mask[tuple(head)]
+        head[axis], tail[axis] = 0, -1  # the first and last layers touch the outside
+        interior[tuple(head)] = False
+        interior[tuple(tail)] = False
+    return mask & ~interior
+
+
+def _edt_threads() -> int:
+    try:
+        return max(1, min(8, len(os.sched_getaffinity(0))))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, min(8, os.cpu_count() or 1))
+
+
+def _directed_distances(query: np.ndarray, source: np.ndarray, sampling: tuple[float, ...]) -> np.ndarray:
+    """Distance from every True pixel of ``query`` (C order) to the nearest True pixel of ``source``.
+
+    The cost follows the query, not the array: the Euclidean distance transform of ``source`` is
+    taken over the query's bounding box grown by a margin, and the margin doubles until every query
+    pixel is at least as close to a source pixel inside that box as to the box's open faces (those
+    not on the array's border). Then no source pixel outside the box can be nearer, and the
+    distances equal those over the whole array. A compact query against a speckled source costs a
+    small box; a speckled query costs one transform of the whole (already cropped) array.
+
+    The transform is the ``edt`` package's (exact; float32 squared distances): exact integers for
+    unit spacing, within about 1e-7 relative of scipy's float64 ``distance_transform_edt`` otherwise.
+
+    Args:
+        query, source: boolean arrays of one shape, both with foreground.
+        sampling: pixel size per axis (mm or 1).
+
+    Returns:
+        float64 ``(query.sum(),)``.
+    """
+    shape = query.shape
+    qbox, sbox = _bbox(query), _bbox(source)
+    assert qbox is not None and sbox is not None
+    step = np.asarray(sampling, dtype=np.float64)
+    # Start at the gap between the two boxes (a smaller margin reaches no source pixel), or a few pixels.
+    gap = np.array([max(s.start - q.stop + 1, q.start - s.stop + 1, 0) for q, s in zip(qbox, sbox)])
+    margin = max(float(np.sqrt(np.sum((gap * step) ** 2))), 4.0 * float(step.max()))
+    while True:
+        grow = np.ceil(margin / step).astype(int)
+        lo = np.array([max(0, q.start - g) for q, g in zip(qbox, grow)])
+        hi = np.array([min(n, q.stop + g) for q, g, n in zip(qbox, grow, shape)])
+        region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        whole = bool(np.all(lo == 0) and np.all(hi == np.asarray(shape)))
+        squared = edt.edtsq(~source[region], anisotropy=tuple(float(s) for s in step), black_border=False,
+                            parallel=_edt_threads())
+        inside = query[region]
+        dist2 = squared[inside].astype(np.float64)
+        if whole:
+            break
+        # Squared distance (float64) from each query pixel to the nearest open face's outer layer.
+        idx = np.nonzero(inside)
+        bound = np.full(dist2.shape, np.inf)
+        for axis in range(query.ndim):
+            if lo[axis] > 0:
+                bound = np.minimum(bound, ((idx[axis] + 1) * step[axis]) ** 2)
+            if hi[axis] < shape[axis]:
+                bound = np.minimum(bound, ((hi[axis] - lo[axis] - idx[axis]) * step[axis]) ** 2)
+        # A pixel outside is at least sqrt(bound) away; a tie gives the same distance. (dist2 carries
+        # float32 rounding, so "no nearer" holds to that rounding, the transform's own precision.)
+        if np.all(dist2 <= bound):
+            break
+        margin *= 2.0
+    return np.sqrt(dist2)
 
 
 def surface_distances(
@@ -190,15 +274,12 @@ def surface_distances(
             f"got {int(pred.sum())} and {int(target.sum())} foreground pixels. "
             "Empty masks are handled by slice_metrics/volume_metrics."
         )
-    sampling = None if spacing is None else _check_spacing(spacing, pred.ndim)
+    sampling = (1.0,) * pred.ndim if spacing is None else _check_spacing(spacing, pred.ndim)
     # Crop to the union's bounding box: all surface pixels lie inside it, so the nearest
     # surface pixel (and the erosion, outside being background) is the same as uncropped.
-    box = _union_bbox(pred, target)
+    box = _bbox(pred | target)
     pred_s, target_s = _surface(pred[box]), _surface(target[box])
-    # EDT of the complement gives, at each pixel, the distance to the nearest surface pixel.
-    d_pt = ndimage.distance_transform_edt(~target_s, sampling=sampling)[pred_s]
-    d_tp = ndimage.distance_transform_edt(~pred_s, sampling=sampling)[target_s]
-    return d_pt.astype(np.float64), d_tp.astype(np.float64)
+    return _directed_distances(pred_s, target_s, sampling), _directed_distances(target_s, pred_s, sampling)
 
 
 def _distance_metrics(

@@ -16,13 +16,19 @@
 * ``hepaseg prepare`` throughput: a phantom CT written as NIfTI to a temp dir,
   prepared at ``size`` with every slice kept (reading, windowing, resizing and the
   compressed shard write included);
+* ``hepaseg prepare --workers 2`` against one worker on a four-case LiTS-layout phantom set
+  (each case the size of the prepare phantom): slices/s of both (the helper's start-up
+  included), the speed-up, peak memory per worker and whether the outputs are identical;
 * end-to-end ``hepaseg predict`` seconds (:func:`~hepaseg.inference.pipeline.predict_case`,
   checkpoint load + read + inference + writing every output) of an UNTRAINED
   width-32 MFCNet checkpoint in the real checkpoint format (its 1 x 1 head set to a
   constant "no tumour" logit: see :func:`_bench_predict`), on 3D-IRCADb 1.1
   (``129 x 512 x 512``) when ``../shared/data/3Dircadb1.1`` is found (next to the
   repository, next to the working directory, or under ``$HEPASEG_SHARED_DATA``),
-  else on a phantom of that size.
+  else on a phantom of that size;
+* ``predict``'s write step (lesion table, volume metrics, mask, CSV/JSON, overlay) for a
+  badly trained model: an i.i.d. speckled mask of 8 M voxels on a ``129 x 512 x 512``
+  phantom (:func:`_bench_write`; quick: the ``16 x 512 x 512`` phantom at the same density).
 
 Ratios are reported beside the absolute numbers and are exact quotients of them:
 MFCNet / U-Net (parameters, GFLOPs, fp32 time per slice, peak memory), naive /
@@ -98,6 +104,8 @@ MEMORY_METHOD = {
 IRCADB_SHAPE = (129, 512, 512)
 IRCADB_SPACING = (1.6, 0.57, 0.57)
 QUICK_VOLUME_SHAPE = (16, 512, 512)
+#: Cases of the multi-case prepare set (each the size of the prepare phantom).
+PREPARE_CASES = 4
 #: Benchmark data options: the paper's 224 x 224 slices with one neighbour slice on each side.
 BENCH_WINDOW = (-200.0, 250.0)
 BENCH_CONTEXT_SLICES = 1
@@ -396,6 +404,41 @@ def _bench_prepare(shape: tuple[int, int, int], size: int, work: Path) -> dict[s
             "seconds": seconds, "slices_per_s": n / seconds}
 
 
+def _bench_prepare_workers(n_cases: int, shape: tuple[int, int, int], size: int, work: Path,
+                           workers: int = 2) -> dict[str, Any]:
+    """``prepare`` of an ``n_cases`` LiTS-layout phantom set with 1 and with ``workers`` processes, side
+    by side: slices/s of each (worker start-up included), the speed-up, each run's peak memory per
+    worker, and whether the two outputs are byte for byte the same."""
+    from rich.console import Console
+
+    from hepaseg.data.phantom import write_phantom_dataset
+    from hepaseg.data.prepare import prepare
+
+    src = work / "prepare_multi_src"
+    write_phantom_dataset(src, "lits", n_cases=n_cases, shape=shape, spacing=IRCADB_SPACING)
+    runs = {}
+    for n in (1, workers):
+        report: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        manifest = prepare(
+            src, work / f"prepared_w{n}", window=BENCH_WINDOW, size=size, slices="all",
+            context_slices=BENCH_CONTEXT_SLICES, split=(1.0, 0.0, 0.0), progress=False,
+            console=Console(file=io.StringIO()), workers=n, report=report,
+        )
+        seconds = time.perf_counter() - t0
+        peaks = [mb for mb in report["peak_rss_mb"].values() if mb is not None]
+        runs[n] = {"seconds": seconds, "slices_per_s": int(manifest["n_slices"]) / seconds,
+                   "peak_rss_mb_per_worker": peaks}
+    same = all(
+        a.read_bytes() == (work / f"prepared_w{workers}" / a.relative_to(work / "prepared_w1")).read_bytes()
+        for a in sorted((work / "prepared_w1").rglob("*")) if a.is_file()
+    )
+    return {"source": "phantom (NIfTI, LiTS layout)", "cases": n_cases, "shape": list(shape), "size": size,
+            "slices": int(manifest["n_slices"]), "workers": workers, "one": runs[1], "many": runs[workers],
+            "speedup": runs[1]["seconds"] / runs[workers]["seconds"], "identical_output": same,
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+
+
 def _bench_predict(
     shape: tuple[int, int, int] | None, *, size: int, batch: int, width: int, device: torch.device, work: Path,
 ) -> dict[str, Any]:
@@ -428,6 +471,58 @@ def _bench_predict(
         "inference_slices_per_s": z / result.timings["inference"],
         "precision": "auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32",
     }
+
+
+#: The speckled mask of the write benchmark: 8 M of 3D-IRCADb 1.1's 33.8 M voxels (what a barely
+#: trained model marked as tumour there), each voxel tumour independently with this probability.
+SPECKLE_FRACTION = 8e6 / (IRCADB_SHAPE[0] * IRCADB_SHAPE[1] * IRCADB_SHAPE[2])
+
+
+def _bench_write(shape: tuple[int, int, int], work: Path) -> dict[str, Any]:
+    """Seconds of ``predict``'s write step for a speckled prediction of a ``shape`` phantom.
+
+    The same calls, in the same order, as :func:`~hepaseg.inference.pipeline.predict_case` after
+    inference (lesion table, volume metrics against the phantom's tumour, mask NIfTI, CSV/JSON,
+    overlay), on an i.i.d. speckled mask of :data:`SPECKLE_FRACTION` (8 M voxels at 3D-IRCADb 1.1's
+    size; seeded): the worst case for components and surfaces -- one voxel in four is tumour and
+    nearly every tumour voxel is surface.
+    """
+    import numpy as np
+
+    from hepaseg.data.phantom import make_phantom
+    from hepaseg.evaluation import volume_metrics
+    from hepaseg.inference.lesions import lesion_table, lesions_to_csv
+    from hepaseg.inference.overlay import draw_overlay
+    from hepaseg.io import write_json_atomic, write_label_nifti, write_text_atomic
+
+    volume = make_phantom(shape, spacing=IRCADB_SPACING, seed=0)
+    rng = np.random.default_rng(0)
+    tumor = (rng.random(shape, dtype=np.float32) < SPECKLE_FRACTION).astype(np.uint8)
+    target = volume.label == 2
+    out = work / "write"
+    out.mkdir()
+    parts: dict[str, float] = {}
+    t_all = time.perf_counter()
+    t0 = time.perf_counter()
+    rows = lesion_table(tumor, volume.spacing, volume.affine)
+    parts["lesion_table"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = volume_metrics(tumor > 0, target, volume.spacing)
+    parts["metrics"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    write_label_nifti(tumor, volume, out / "tumor_mask.nii.gz")
+    parts["mask_nifti"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    write_text_atomic(out / "lesions.csv", lesions_to_csv(rows))
+    write_json_atomic(out / "lesions.json", {"lesions": rows})
+    write_json_atomic(out / "metrics.json", metrics)
+    parts["csv_json"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    draw_overlay(volume.image, tumor, out / "overlay.png", gt_mask=target, spacing=volume.spacing)
+    parts["overlay"] = time.perf_counter() - t0
+    seconds = time.perf_counter() - t_all
+    return {"shape": list(shape), "mask": "i.i.d. speckle", "tumor_voxels": int(np.count_nonzero(tumor)),
+            "lesions": len(rows), "seconds": seconds, "parts": parts}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -474,7 +569,8 @@ def run_benchmark(
 
     Returns:
         A JSON-ready dict: ``machine``, ``settings``, ``models`` (one row each),
-        ``ratios`` (``mfcnet_over_unet`` or None), ``attention``, ``prepare``, ``predict``.
+        ``ratios`` (``mfcnet_over_unet`` or None), ``attention``, ``prepare``, ``prepare_workers``,
+        ``predict``, ``write``.
 
     Raises:
         HepasegError: an unknown model name or a non-positive setting.
@@ -535,12 +631,18 @@ def run_benchmark(
         work = Path(tmp)
         say(f"prepare: phantom {prepare_shape[0]} x {prepare_shape[1]} x {prepare_shape[2]} at {size}")
         result["prepare"] = _bench_prepare(tuple(prepare_shape), size, work)
+        multi_shape = tuple(prepare_shape)
+        say(f"prepare: {PREPARE_CASES} phantoms {' x '.join(map(str, multi_shape))} with 1 and 2 workers")
+        result["prepare_workers"] = _bench_prepare_workers(PREPARE_CASES, multi_shape, size, work)
         volume = "3D-IRCADb-sized volume" if predict_shape is None else f"phantom {predict_shape}"
         say(f"predict: untrained width-{predict_width} mfcnet, {volume}")
         result["predict"] = _bench_predict(
             None if predict_shape is None else tuple(predict_shape), size=size, batch=batch, width=predict_width,
             device=dev, work=work,
         )
+        write_shape = tuple(predict_shape) if predict_shape is not None else IRCADB_SHAPE
+        say(f"write step: speckled mask on a phantom {write_shape}")
+        result["write"] = _bench_write(write_shape, work)
     return result
 
 
@@ -605,6 +707,15 @@ def benchmark_tables(result: dict[str, Any]) -> list:
         pipe.add_column(col, justify="left" if col in ("step", "input") else "right")
     pipe.add_row("prepare", f"{p['source']} {' x '.join(map(str, p['shape']))} -> {p['size']}",
                  _fmt(p["seconds"]), f"{p['slices_per_s']:.1f} slices/s")
+    m = result.get("prepare_workers")
+    if m is not None:
+        for n, run in ((1, m["one"]), (m["workers"], m["many"])):
+            rss = ", ".join(f"{mb:,.0f}" for mb in run["peak_rss_mb_per_worker"])
+            pipe.add_row(f"prepare --workers {n}",
+                         f"{m['cases']} x {' x '.join(map(str, m['shape']))} -> {m['size']} ({m['cores']} cores)",
+                         _fmt(run["seconds"]), f"{run['slices_per_s']:.1f} slices/s (peak MB per worker: {rss})")
+        pipe.add_row(f"  {m['workers']} workers / 1", "identical output" if m["identical_output"] else
+                     "OUTPUT DIFFERS", "", f"{m['speedup']:.2f}x")
     t = q["timings"]
     pipe.add_row(
         "predict (end to end)",
@@ -613,5 +724,10 @@ def benchmark_tables(result: dict[str, Any]) -> list:
         f"{q['inference_slices_per_s']:.1f} slices/s (read {t['read']:.1f} s, inference {t['inference']:.1f} s, "
         f"write {t['write']:.1f} s)",
     )
+    w = result.get("write")
+    if w is not None:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in w["parts"].items())
+        pipe.add_row("predict write step", f"{w['mask']} of {w['tumor_voxels']:,} voxels on "
+                     f"{' x '.join(map(str, w['shape']))} ({w['lesions']:,} lesions)", _fmt(w["seconds"]), parts)
     tables.append(pipe)
     return tables

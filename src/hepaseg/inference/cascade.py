@@ -58,8 +58,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cc3d
+import edt
 import numpy as np
-from scipy import ndimage
 from torch import nn
 
 from hepaseg.data.roi import ROI_MODES, crop_slices, liver_crop_box, paste_slices
@@ -197,14 +198,15 @@ def check_cascade(
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 26-connected component of a 3D mask (bool ``(z, y, x)``; all False when empty).
 
-    Ties go to the component with the lowest label (first in C order).
+    Ties go to the component with the lowest label (first in C order). Labelled with cc3d on the
+    mask's bounding box (numbered as ``ndimage.label``; several times faster on a whole scan).
     """
     mask = np.asarray(mask, dtype=bool)
     out = np.zeros(mask.shape, dtype=bool)
     box = _bbox(mask)
     if box is None:
         return out
-    labels, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
+    labels, n = cc3d.connected_components(mask[box], connectivity=26, return_N=True)
     if n <= 1:
         out[box] = labels > 0
         return out
@@ -219,7 +221,10 @@ def dilate_mm(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: 
 
     Computed inside the mask's bounding box grown by ``ceil(radius / spacing)`` voxels per axis
     (every voxel within the radius lies there), so a liver in a 512 x 512 x 800 scan does not
-    need a full-volume distance transform.
+    need a full-volume distance transform, with the ``edt`` package's exact transform (float32
+    squared distances; scipy's took 25-40 s on a whole 200 x 512 x 512 scan, this one seconds).
+    A voxel at exactly ``radius_mm`` is inside; the comparison allows float32 rounding (1e-6
+    relative), far below any real difference between two voxels' distances.
 
     Args:
         mask: ``(z, y, x)`` bool.
@@ -237,9 +242,9 @@ def dilate_mm(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: 
         return mask.copy()
     grow = [math.ceil(radius_mm / float(s)) for s in spacing]
     big = tuple(slice(max(b.start - g, 0), min(b.stop + g, n)) for b, g, n in zip(box, grow, mask.shape))
-    distance = ndimage.distance_transform_edt(~mask[big], sampling=[float(s) for s in spacing])  # mm
+    squared = edt.edtsq(~mask[big], anisotropy=tuple(float(s) for s in spacing), black_border=False)  # mm^2
     out = np.zeros(mask.shape, dtype=bool)
-    out[big] = distance <= radius_mm
+    out[big] = squared <= float(radius_mm) ** 2 * (1.0 + 1e-6)
     return out
 
 

@@ -62,6 +62,15 @@ Protocol choices
 Resuming: a (fold, seed, model) whose ``crossval.json`` marker exists is not retrained or
 re-scored; an interrupted run with ``last.ckpt`` continues with ``resume=True``; one killed
 before its first checkpoint starts again. Rerun the same command to finish.
+
+On a cluster (``--plan | --run-index I | --worker | --collect``, as ``hepaseg compare``):
+:func:`crossval_plan` prepares every patient and every fold's training data once and writes
+``OUT/plan.json`` -- per fold and seed the liver stage (cascade) and each tumour model;
+:func:`crossval_run` runs one entry or, as a local worker, every free one (a tumour entry runs
+its fold and seed's liver stage first unless another worker holds it, then waits for it);
+:func:`crossval_collect` tabulates what has finished and names the rest. Runs are claimed in
+``OUT/claims`` (:mod:`hepaseg.io.claims`), so no run is done twice and a killed worker's run is
+resumed by the next.
 """
 
 from __future__ import annotations
@@ -73,6 +82,7 @@ import math
 import os
 import re
 import shlex
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,12 +92,21 @@ from typing import Any
 import numpy as np
 
 from hepaseg.errors import HepasegError
-from hepaseg.evaluation.compare import _check_protocol, _write_csv, parse_models
+from hepaseg.evaluation.compare import (
+    CLAIMS_DIR,
+    PLAN_FILE,
+    _check_protocol,
+    _write_csv,
+    parse_models,
+    read_plan,
+    run_plan,
+)
 from hepaseg.evaluation.detection import DIAMETER_BINS, fp_slice_rate, lesion_detection, tumor_free_liver_slices
 from hepaseg.evaluation.evaluate import check_threshold, json_safe
 from hepaseg.evaluation.metrics import volume_metrics
 from hepaseg.io import find_cases
 from hepaseg.io.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from hepaseg.io.claims import Claim, run_claimed
 from hepaseg.io.outputs import check_output_dir, write_output_marker
 from hepaseg.io.readers import DicomOptions
 from hepaseg.io.volume import LABEL_TUMOR
@@ -98,6 +117,9 @@ __all__ = [
     "CrossvalResult",
     "case_metrics",
     "crossval",
+    "crossval_collect",
+    "crossval_plan",
+    "crossval_run",
     "make_fold_data",
 ]
 
@@ -166,6 +188,7 @@ class CrossvalResult:
     command: str
     wall_seconds: float
     paths: dict[str, Path] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)  # planned tumour runs not finished (collect)
 
 
 # --- metrics of one held-out patient ------------------------------------------------------------
@@ -431,16 +454,94 @@ def crossval(
         A :class:`CrossvalResult`; the same numbers are in ``OUT/crossval.csv``, ``lesions.csv``
         and ``table.md``.
 
+    Runs one after another in this process; :func:`crossval_plan`, :func:`crossval_run` and
+    :func:`crossval_collect` split the same work over cluster array tasks or local workers (each
+    run is claimed, so this call may share ``out`` with them: it waits for the runs they hold).
+
     Raises:
         HepasegError: fewer than two patients, an unlabelled patient, unknown model, bad
             option, a protocol that differs from the one already in ``out``, or any
             prepare/training/prediction error.
     """
+    t_start = time.perf_counter()
+    setup = _cv_setup(sources, out, models=models, seeds=seeds, cascade=cascade, liver_model=liver_model,
+                      liver_size=liver_size, size=size, width=width, max_minutes_per_run=max_minutes_per_run,
+                      max_epochs=max_epochs, train_options=train_options, prepare_options=prepare_options,
+                      threshold=threshold, val_fraction=val_fraction, device=device, log=log, dicom=dicom)
+    trained: list[tuple[str, str, int]] = []
+    tumor_runs = [e for e in setup.runs if e["stage"] == "tumor"]
+    for step, entry in enumerate(tumor_runs, start=1):
+        where = f"[{step}/{len(tumor_runs)}] fold {entry['fold']}, {entry['model']}, seed {entry['seed']}"
+        outcome = run_claimed(setup.out / CLAIMS_DIR, entry["id"], lambda e=entry: setup.is_done(e),
+                              lambda claim, e=entry, w=where: _run_entry(setup, e, claim, w, trained),
+                              wait=True, log=setup.say)
+        if outcome == "done":
+            setup.say(f"{where}: done already, skipped")
+    return _cv_collect(setup, trained, t_start)
+
+
+@dataclass
+class _CvSetup:
+    """Everything the runs of one crossval share, checked once (``protocol.json`` pinned, data prepared)."""
+
+    out: Path
+    names: list[str]
+    seeds: int
+    folds: list[str]
+    cascade: bool
+    liver_model: str
+    liver_size: int
+    width: int
+    max_epochs: int
+    max_minutes_per_run: float | None
+    shared: dict[str, Any]
+    liver_shared: dict[str, Any]
+    threshold: float
+    val_fraction: float
+    device: str | None
+    protocol: dict[str, Any]
+    command: str
+    source_of: dict[str, str]
+    say: Callable[[str], None]
+    dicom: DicomOptions | None = None
+    _volume: tuple[str, Any] | None = None  # (fold, volume): the last held-out volume read
+
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        """The plan: per fold and seed, the liver stage (cascade) and then each tumour model."""
+        entries: list[dict[str, Any]] = []
+        for fold in self.folds:
+            for seed in range(self.seeds):
+                if self.cascade:
+                    entries.append({"id": f"{fold}/liver-{self.liver_model}/seed{seed}", "stage": "liver",
+                                    "model": f"liver-{self.liver_model}", "fold": fold, "seed": seed})
+                entries += [{"id": f"{fold}/{name}/seed{seed}", "stage": "tumor", "model": name, "fold": fold,
+                             "seed": seed} for name in self.names]
+        return [{"index": i, **e} for i, e in enumerate(entries)]
+
+    def fold_dir(self, fold: str) -> Path:
+        return self.out / "folds" / _safe_name(fold)
+
+    def run_dir(self, entry: Mapping[str, Any]) -> Path:
+        return self.fold_dir(entry["fold"]) / entry["model"] / f"seed{entry['seed']}"
+
+    def is_done(self, entry: Mapping[str, Any]) -> bool:
+        marker = _STAGE_MARKER if entry["stage"] == "liver" else _MARKER
+        return _train_state(self.run_dir(entry), marker) == "done"
+
+    def held_out(self, fold: str):
+        if self._volume is None or self._volume[0] != fold:
+            self._volume = (fold, _read_held_out(self.source_of[fold], fold, self.dicom))
+        return self._volume[1]
+
+
+def _cv_setup(sources, out, *, models, seeds, cascade, liver_model, liver_size, size, width, max_minutes_per_run,
+              max_epochs, train_options, prepare_options, threshold, val_fraction, device, log,
+              dicom=None) -> _CvSetup:
     from hepaseg.data import prepare
-    from hepaseg.training import TrainConfig, load_checkpoint
+    from hepaseg.training import TrainConfig
     from hepaseg.training.train import resolve_config
 
-    t_start = time.perf_counter()
     say = log or (lambda _msg: None)
     names = parse_models(models)
     if cascade:
@@ -513,69 +614,108 @@ def crossval(
                                f"{folds}): expected the same. Use a new --out")
     source_of = {c["id"]: c["source"] for c in pool["cases"]}
 
+    return _CvSetup(out=out, names=names, seeds=seeds, folds=folds, cascade=bool(cascade), liver_model=liver_model,
+                    liver_size=liver_size, width=width, max_epochs=max_epochs,
+                    max_minutes_per_run=max_minutes_per_run, shared=shared, liver_shared=liver_shared,
+                    threshold=float(threshold), val_fraction=float(val_fraction), device=device, protocol=protocol,
+                    command=command, source_of=source_of, say=say, dicom=dicom)
+
+
+def _run_entry(setup: _CvSetup, entry: Mapping[str, Any], claim: Claim, where: str,
+               trained: list[tuple[str, str, int]]) -> None:
+    """Train one plan entry (liver stage, or tumour model + scoring of the held-out patient)."""
+    from hepaseg.training import load_checkpoint
+
+    fold, seed = entry["fold"], entry["seed"]
+    fold_dir = setup.fold_dir(fold)
+    liver_run = fold_dir / f"liver-{setup.liver_model}" / f"seed{seed}"
+    if entry["stage"] == "liver":
+        _liver_stage(setup.out, fold, fold_dir, liver_run, setup.liver_model, seed, setup.width, setup.max_epochs,
+                     setup.max_minutes_per_run, setup.liver_shared, setup.val_fraction, trained, setup.say, claim)
+        return
+    name, run = entry["model"], setup.run_dir(entry)
+    state = _train_state(run, _MARKER)
+    data = _fold_data(setup.out / "prepared" / "tumor", fold_dir / "data-tumor", fold, setup.val_fraction)
+    if setup.cascade:
+        # The fold and seed's liver stage, shared by every tumour model: run here unless another
+        # worker holds it (then wait for it).
+        liver_entry = next(e for e in setup.runs if e["stage"] == "liver" and e["fold"] == fold
+                           and e["seed"] == seed)
+        run_claimed(setup.out / CLAIMS_DIR, liver_entry["id"], lambda: setup.is_done(liver_entry),
+                    lambda liver_claim: _liver_stage(setup.out, fold, fold_dir, liver_run, setup.liver_model, seed,
+                                                     setup.width, setup.max_epochs, setup.max_minutes_per_run,
+                                                     setup.liver_shared, setup.val_fraction, trained, setup.say,
+                                                     liver_claim),
+                    wait=True, log=setup.say)
+    setup.say(f"{where}: {'resuming' if state == 'resume' else 'training'}")
+    result = _train_run(dict(data=str(data), model=name, seed=seed, width=setup.width, target="tumor",
+                             max_epochs=setup.max_epochs, max_minutes=setup.max_minutes_per_run, **setup.shared),
+                        run, state)
+    trained.append((name, fold, seed))
+    volume = setup.held_out(fold)
+    setup.say(f"{where}: predicting the held-out volume with last.ckpt")
+    t0 = time.perf_counter()
+    loaded = load_checkpoint(result.last_checkpoint)
+    liver_pred, warnings = None, []
+    if setup.cascade:
+        from hepaseg.inference.cascade import predict_cascade
+
+        liver_loaded = load_checkpoint(liver_run / "last.ckpt")
+        res = predict_cascade(liver_loaded.model, liver_loaded.data_options, loaded.model, loaded.data_options,
+                              volume, threshold=setup.threshold, device=setup.device, precision="fp32",
+                              progress=False)
+        pred, liver_pred, warnings = res.tumor, res.liver, list(res.warnings)
+    else:
+        from hepaseg.inference.predictor import predict_volume
+
+        pred = predict_volume(loaded.model, volume, loaded.data_options, threshold=setup.threshold,
+                              device=setup.device, precision="fp32", progress=False)
+    predict_s = time.perf_counter() - t0
+    metrics, lesion_rows = case_metrics(pred, volume.label, volume.spacing, liver_pred=liver_pred)
+    fold_manifest = json.loads((data / "manifest.json").read_text())
+    info = result.to_dict()
+    row = {
+        "model": name, "fold": fold, "seed": seed, **metrics, "warnings": "; ".join(warnings),
+        "train_slices": sum(c["n_slices"] for c in fold_manifest["cases"] if c["split"] == "train"),
+        "val_slices": sum(c["n_slices"] for c in fold_manifest["cases"] if c["split"] == "val"),
+        "epochs": info.get("epochs"), "stopped_by_time": info.get("stopped_by_time"),
+        "train_wall_s": info.get("wall_seconds"), "predict_s": predict_s,
+        "checkpoint": str(result.last_checkpoint),
+    }
+    _publish(claim, run / _MARKER, {"row": row, "lesions": lesion_rows, "train": info,
+                                    "worker": f"{socket.gethostname()}:{os.getpid()}"})
+
+
+def _publish(claim: Claim, path: Path, payload: dict[str, Any]) -> None:
+    """Write a run's marker, only while this worker still holds the run's claim."""
+    if not claim.still_owned():
+        raise HepasegError(f"{path.parent}: another worker took this run over while it ran (its claim went stale): "
+                           "expected to hold it to the end. Its result is left to that worker")
+    write_json_atomic(path, json_safe(payload))
+
+
+def _cv_collect(setup: _CvSetup, trained: list[tuple[str, str, int]], t_start: float) -> CrossvalResult:
+    """crossval.csv, lesions.csv and table.md from the finished runs; ``missing`` names the others."""
     rows: list[dict[str, Any]] = []
     lesions: list[dict[str, Any]] = []
-    trained: list[tuple[str, str, int]] = []
-    total, step = len(folds) * seeds * len(names), 0
-    for fold in folds:
-        fold_dir = out / "folds" / _safe_name(fold)
-        volume = None  # read once per fold, only when a run must be scored
-        for seed in range(seeds):
-            liver_run = fold_dir / f"liver-{liver_model}" / f"seed{seed}"
-            for name in names:
-                step += 1
-                run = fold_dir / name / f"seed{seed}"
-                where = f"[{step}/{total}] fold {fold}, {name}, seed {seed}"
-                state = _train_state(run, _MARKER)
-                if state == "done":
-                    say(f"{where}: done already, skipped")
-                else:
-                    data = _fold_data(out / "prepared" / "tumor", fold_dir / "data-tumor", fold, val_fraction)
-                    if cascade:
-                        _liver_stage(out, fold, fold_dir, liver_run, liver_model, seed, width, max_epochs,
-                                     max_minutes_per_run, liver_shared, val_fraction, trained, say)
-                    say(f"{where}: {'resuming' if state == 'resume' else 'training'}")
-                    result = _train_run(dict(data=str(data), model=name, seed=seed, width=width, target="tumor",
-                                             max_epochs=max_epochs, max_minutes=max_minutes_per_run, **shared),
-                                        run, state)
-                    trained.append((name, fold, seed))
-                    if volume is None:
-                        volume = _read_held_out(source_of[fold], fold, dicom)
-                    say(f"{where}: predicting the held-out volume with last.ckpt")
-                    t0 = time.perf_counter()
-                    loaded = load_checkpoint(result.last_checkpoint)
-                    liver_pred, warnings = None, []
-                    if cascade:
-                        from hepaseg.inference.cascade import predict_cascade
-
-                        liver_loaded = load_checkpoint(liver_run / "last.ckpt")
-                        res = predict_cascade(liver_loaded.model, liver_loaded.data_options, loaded.model,
-                                              loaded.data_options, volume, threshold=float(threshold),
-                                              device=device, precision="fp32", progress=False)
-                        pred, liver_pred, warnings = res.tumor, res.liver, list(res.warnings)
-                    else:
-                        from hepaseg.inference.predictor import predict_volume
-
-                        pred = predict_volume(loaded.model, volume, loaded.data_options, threshold=float(threshold),
-                                              device=device, precision="fp32", progress=False)
-                    predict_s = time.perf_counter() - t0
-                    metrics, lesion_rows = case_metrics(pred, volume.label, volume.spacing, liver_pred=liver_pred)
-                    fold_manifest = json.loads((data / "manifest.json").read_text())
-                    info = result.to_dict()
-                    row = {
-                        "model": name, "fold": fold, "seed": seed, **metrics, "warnings": "; ".join(warnings),
-                        "train_slices": sum(c["n_slices"] for c in fold_manifest["cases"] if c["split"] == "train"),
-                        "val_slices": sum(c["n_slices"] for c in fold_manifest["cases"] if c["split"] == "val"),
-                        "epochs": info.get("epochs"), "stopped_by_time": info.get("stopped_by_time"),
-                        "train_wall_s": info.get("wall_seconds"), "predict_s": predict_s,
-                        "checkpoint": str(result.last_checkpoint),
-                    }
-                    write_json_atomic(run / _MARKER, json_safe({"row": row, "lesions": lesion_rows,
-                                                                "train": info}))
-                marker = json.loads((run / _MARKER).read_text())
-                rows.append(_from_json(marker["row"]))
-                lesions += [{"model": name, "fold": fold, "seed": seed, **r} for r in marker["lesions"]]
-
+    missing: list[str] = []
+    for entry in setup.runs:
+        if entry["stage"] != "tumor":
+            continue
+        if not setup.is_done(entry):
+            missing.append(entry["id"])
+            continue
+        marker = json.loads((setup.run_dir(entry) / _MARKER).read_text())
+        rows.append(_from_json(marker["row"]))
+        lesions += [{"model": entry["model"], "fold": entry["fold"], "seed": entry["seed"], **r}
+                    for r in marker["lesions"]]
+    if missing:
+        setup.say(f"missing (not finished): {', '.join(missing)}")
+    names = [n for n in setup.names if any(r["model"] == n for r in rows)]
+    if not names:
+        raise HepasegError(f"{setup.out}: no finished run to collect: expected at least one of the planned tumour "
+                           "runs done. Run the workers (--run-index) first")
+    seeds, out = setup.seeds, setup.out
     dice_global = {
         name: [_pooled_dice([r for r in rows if r["model"] == name and r["seed"] == s]) for s in range(seeds)]
         for name in names
@@ -584,14 +724,71 @@ def crossval(
         "csv": _write_csv(out / "crossval.csv", rows, CROSSVAL_CSV_COLUMNS),
         "lesions": _write_csv(out / "lesions.csv", lesions, LESION_CSV_COLUMNS),
     }
-    paths.update(_write_ensembles(out, names, folds, seeds, rows, liver_model if cascade else None))
+    if not missing:  # an ensemble list of part of the folds would pass for the whole
+        paths.update(_write_ensembles(out, names, setup.folds, seeds, rows,
+                                      setup.liver_model if setup.cascade else None))
     wall = time.perf_counter() - t_start
-    table = _table_markdown(names, folds, seeds, rows, lesions, dice_global, protocol, command, cascade,
-                            liver_model, liver_size, trained, wall)
+    table = _table_markdown(names, setup.folds, seeds, rows, lesions, dice_global, setup.protocol, setup.command,
+                            setup.cascade, setup.liver_model, setup.liver_size, trained, wall)
+    if missing:
+        table += (f"\n**Incomplete: {len(missing)} planned run(s) not finished, left out of every number above: "
+                  f"{', '.join(missing)}.**\n")
     paths["table"] = write_text_atomic(out / "table.md", table)
-    return CrossvalResult(out=out, models=names, seeds=list(range(seeds)), folds=folds, rows=rows, lesions=lesions,
-                          dice_global=dice_global, trained=trained, table=table, protocol=protocol, command=command,
-                          wall_seconds=wall, paths=paths)
+    return CrossvalResult(out=out, models=names, seeds=list(range(seeds)), folds=setup.folds, rows=rows,
+                          lesions=lesions, dice_global=dice_global, trained=trained, table=table,
+                          protocol=setup.protocol, command=setup.command, wall_seconds=wall, paths=paths,
+                          missing=missing)
+
+
+def crossval_plan(sources, out, **options) -> list[dict[str, Any]]:
+    """Prepare every patient and every fold's data once, pin the protocol and write ``OUT/plan.json``.
+
+    Keyword options as :func:`crossval`. Returns the runs (``index``, ``id``, ``stage`` ``liver``
+    or ``tumor``, ``model``, ``fold``, ``seed``); index ``i`` is array task ``i``. The data is made
+    here, once, so that the array tasks only read it.
+    """
+    setup = _cv_setup(sources, out, **_cv_options(options))
+    for fold in setup.folds:
+        _fold_data(setup.out / "prepared" / "tumor", setup.fold_dir(fold) / "data-tumor", fold, setup.val_fraction)
+        if setup.cascade:
+            _fold_data(setup.out / "prepared" / "liver", setup.fold_dir(fold) / "data-liver", fold,
+                       setup.val_fraction)
+    write_json_atomic(setup.out / PLAN_FILE, {"kind": "crossval", "runs": setup.runs, "protocol": setup.protocol,
+                                              "command": setup.command})
+    return setup.runs
+
+
+def crossval_run(sources, out, *, run_index: int | None = None, **options) -> dict[str, list]:
+    """Run plan entry ``run_index`` of ``OUT/plan.json`` (one array task), or with ``run_index=None``
+    every entry no live worker holds (a local worker); each run claimed (see
+    :func:`hepaseg.evaluation.compare.compare_run`). Keyword options as :func:`crossval`, matching
+    ``--plan``'s. Returns ``{"ran": [ids], "done": [ids], "held": [ids]}``."""
+    if not (Path(out) / PLAN_FILE).is_file():  # before _cv_setup, which would prepare the data itself
+        read_plan(out, "crossval", [])
+    setup = _cv_setup(sources, out, **_cv_options(options))
+    runs = read_plan(setup.out, "crossval", setup.runs)
+    trained: list[tuple[str, str, int]] = []
+    return run_plan(runs, setup.out / CLAIMS_DIR, run_index, setup.is_done,
+                    lambda e, claim, where: _run_entry(setup, e, claim, where, trained), setup.say)
+
+
+def crossval_collect(sources, out, **options) -> CrossvalResult:
+    """crossval.csv, lesions.csv and table.md from the runs finished so far (``missing``: the others).
+
+    Keyword options as :func:`crossval`. Trains nothing."""
+    t_start = time.perf_counter()
+    setup = _cv_setup(sources, out, **_cv_options(options))
+    return _cv_collect(setup, [], t_start)
+
+
+def _cv_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`crossval`'s keyword defaults, updated with ``options`` (unknown names refused)."""
+    params = inspect.signature(crossval).parameters
+    defaults = {k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"unexpected crossval option(s): {', '.join(unknown)}")
+    return {**defaults, **options}
 
 
 def _write_ensembles(out: Path, names, folds, seeds: int, rows, liver_model: str | None) -> dict[str, Path]:
@@ -619,7 +816,7 @@ def _fold_data(pool: Path, dest: Path, fold: str, val_fraction: float) -> Path:
 
 
 def _liver_stage(out, fold, fold_dir, run, liver_model, seed, width, max_epochs, max_minutes, liver_shared,
-                 val_fraction, trained, say) -> None:
+                 val_fraction, trained, say, claim: Claim) -> None:
     state = _train_state(run, _STAGE_MARKER)
     if state == "done":
         return
@@ -628,7 +825,7 @@ def _liver_stage(out, fold, fold_dir, run, liver_model, seed, width, max_epochs,
     result = _train_run(dict(data=str(data), model=liver_model, seed=seed, width=width, max_epochs=max_epochs,
                              max_minutes=max_minutes, target="liver", **liver_shared), run, state)
     trained.append((f"liver-{liver_model}", fold, seed))
-    write_json_atomic(run / _STAGE_MARKER, json_safe({"train": result.to_dict()}))
+    _publish(claim, run / _STAGE_MARKER, {"train": result.to_dict(), "worker": f"{socket.gethostname()}:{os.getpid()}"})
 
 
 def _read_held_out(source: str, fold: str, dicom: DicomOptions | None = None):

@@ -31,11 +31,10 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
-# The diameter lives one layer down so that evaluation (lesion-wise detection) measures lesions
-# exactly as this report does; re-exported here.
-from hepaseg.evaluation.detection import axial_feret_diameter, section_diameters
+# The diameter and the labelling live one layer down so that evaluation (lesion-wise detection)
+# measures lesions exactly as this report does; the diameter is re-exported here.
+from hepaseg.evaluation.detection import axial_feret_diameter, label_lesions_cropped, section_diameters_of_pixels
 
 __all__ = ["LESION_CSV_COLUMNS", "axial_feret_diameter", "lesion_table", "lesions_to_csv"]
 
@@ -90,30 +89,36 @@ def lesion_table(
     spacing_arr = np.asarray(spacing, dtype=np.float64)
     voxel_ml = float(np.prod(spacing_arr)) / 1000.0
 
-    labels, n = ndimage.label(mask != 0, structure=ndimage.generate_binary_structure(3, connectivity))
+    # Components on the mask's bounding box only (cc3d; numbered like ndimage.label).
+    labels, n, box = label_lesions_cropped(mask, connectivity=connectivity)
     if n == 0:
         return []
-    # Per label, one slice at a time (no (n_voxels, 3) index arrays, so a whole-volume component
-    # of a 512 x 512 x 900 scan costs no extra memory): voxel counts, index sums for the centroid,
-    # first/last slice, and the largest section diameter with the slice where it is reached.
-    counts = np.zeros(n + 1)
+    z0, y0, x0 = (b.start for b in box)
+    # Per label, one slice at a time from that slice's foreground pixels (no (n_voxels, 3) index
+    # arrays, so a whole-volume component of a 512 x 512 x 900 scan costs no extra memory): voxel
+    # counts, index sums for the centroid (exact: integer sums in float64), first/last slice, and the
+    # largest section diameter with the slice where it is reached.
+    counts = np.zeros(n + 1, dtype=np.int64)
     sums = np.zeros((3, n + 1))
     first_z = np.full(n + 1, -1, dtype=np.int64)
     last_z = np.full(n + 1, -1, dtype=np.int64)
     best_diam = np.full(n + 1, -1.0)
     best_z = np.zeros(n + 1, dtype=np.int64)
-    yy, xx = np.indices(labels.shape[1:], dtype=np.float64)
-    for z in range(labels.shape[0]):
-        flat = labels[z].ravel()
-        c = np.bincount(flat, minlength=n + 1)
+    for k in range(labels.shape[0]):
+        z = z0 + k
+        ys, xs = np.nonzero(labels[k])
+        lab = labels[k][ys, xs]
+        ys += y0  # whole-volume indices: the same floating-point sums and diameters as uncropped
+        xs += x0
+        c = np.bincount(lab, minlength=n + 1)
         present = c > 0
         first_z[present & (first_z < 0)] = z
         last_z[present] = z
         counts += c
-        sums[0] += c * z
-        sums[1] += np.bincount(flat, weights=yy.ravel(), minlength=n + 1)
-        sums[2] += np.bincount(flat, weights=xx.ravel(), minlength=n + 1)
-        labs, diam = section_diameters(labels[z], spacing_arr[1:])
+        sums[0] += c * float(z)
+        sums[1] += np.bincount(lab, weights=ys, minlength=n + 1)
+        sums[2] += np.bincount(lab, weights=xs, minlength=n + 1)
+        labs, diam = section_diameters_of_pixels(ys, xs, lab, spacing_arr[1:])
         better = diam > best_diam[labs]  # strictly: the first slice wins ties
         best_diam[labs[better]] = diam[better]
         best_z[labs[better]] = z
@@ -126,21 +131,25 @@ def lesion_table(
         affine_arr = np.asarray(affine, dtype=np.float64)
         homogeneous = np.c_[centroid_idx[:, ::-1], np.ones(n + 1)]  # (x, y, z, 1): NIfTI index order
         centroid_ras = (homogeneous @ affine_arr.T)[:, :3]
+    # Python lists once, not numpy scalars per row: 10^4 speckle lesions cost milliseconds, not a second.
+    vox, cmm, diam_l, best_l, first_l, last_l = (a.tolist() for a in (voxels, centroid_mm, best_diam, best_z,
+                                                                      first_z, last_z))
+    cras = None if centroid_ras is None else centroid_ras.tolist()
     rows = [
         {
-            "voxels": int(voxels[lab]),
-            "volume_ml": float(voxels[lab] * voxel_ml),
-            "centroid_mm": centroid_mm[lab].tolist(),
-            "centroid_ras": None if centroid_ras is None else centroid_ras[lab].tolist(),
-            "max_axial_diameter_mm": float(best_diam[lab]),
-            "diameter_slice": int(best_z[lab]),
-            "first_slice": int(first_z[lab]),
-            "last_slice": int(last_z[lab]),
+            "voxels": vox[lab],
+            "volume_ml": float(vox[lab] * voxel_ml),
+            "centroid_mm": cmm[lab],
+            "centroid_ras": None if cras is None else cras[lab],
+            "max_axial_diameter_mm": diam_l[lab],
+            "diameter_slice": best_l[lab],
+            "first_slice": first_l[lab],
+            "last_slice": last_l[lab],
         }
         for lab in range(1, n + 1)
     ]
-    # ndimage.label numbers components in raster order of their first voxel, and the sort is
-    # stable: equal volumes keep that order.
+    # Components are numbered in raster order of their first voxel (cc3d as ndimage.label), and the
+    # sort is stable: equal volumes keep that order.
     rows.sort(key=lambda r: -r["voxels"])
     return [{"id": i, **row} for i, row in enumerate(rows, start=1)]
 

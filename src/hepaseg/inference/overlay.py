@@ -15,7 +15,7 @@ import numpy as np
 
 from hepaseg.io.atomic import atomic_path
 
-__all__ = ["draw_overlay", "select_slices"]
+__all__ = ["MAX_OUTLINE_PIXELS", "draw_overlay", "select_slices"]
 
 PRED_COLOR = "#ff3030"  # red
 GT_COLOR = "#30ff30"  # green
@@ -42,6 +42,29 @@ def select_slices(pred_mask: np.ndarray, gt_mask: np.ndarray | None, n: int) -> 
     return sorted(chosen)
 
 
+#: Above this many edge pixels in one slice a mask is shaded instead of outlined: matplotlib's
+#: contour of a speckled slice (a badly trained model) is tens of thousands of paths and took
+#: seconds; the shading costs one image whatever the mask.
+MAX_OUTLINE_PIXELS = 4000
+
+
+def _outline(ax, mask2d: np.ndarray, color: str, aspect: float) -> None:
+    """Outline ``mask2d`` (y, x) on ``ax``, or shade it (translucent) when its outline is too ragged."""
+    inner = mask2d.copy()
+    inner[1:] &= mask2d[:-1]
+    inner[:-1] &= mask2d[1:]
+    inner[:, 1:] &= mask2d[:, :-1]
+    inner[:, :-1] &= mask2d[:, 1:]
+    if np.count_nonzero(mask2d & ~inner) <= MAX_OUTLINE_PIXELS:
+        ax.contour(mask2d.astype(np.float32), levels=[0.5], colors=color, linewidths=1.0)
+        return
+    from matplotlib.colors import to_rgb
+
+    rgba = np.zeros(mask2d.shape + (4,), dtype=np.float32)
+    rgba[mask2d] = (*to_rgb(color), 0.45)
+    ax.imshow(rgba, interpolation="nearest", aspect=aspect)
+
+
 def draw_overlay(
     volume_image: np.ndarray,
     pred_mask: np.ndarray,
@@ -57,9 +80,10 @@ def draw_overlay(
 
     Args:
         volume_image: ``(z, y, x)`` CT in HU.
-        pred_mask: ``(z, y, x)`` predicted tumour (nonzero = tumour), outlined in red.
+        pred_mask: ``(z, y, x)`` predicted tumour (nonzero = tumour), outlined in red (shaded
+            instead in a slice whose outline has more than :data:`MAX_OUTLINE_PIXELS` edge pixels).
         path: the PNG to write (atomically).
-        gt_mask: optional ``(z, y, x)`` ground-truth tumour, outlined in green.
+        gt_mask: optional ``(z, y, x)`` ground-truth tumour, outlined in green (same rule).
         window: display window ``(lo, hi)`` in HU (default ``(-200, 250)``, abdomen).
         n: number of slices (default 6; fewer when fewer slices hold tumour).
         spacing: optional ``(z, y, x)`` mm: areas in mm^2 and true pixel aspect; else pixels.
@@ -99,11 +123,11 @@ def draw_overlay(
                   interpolation="nearest", aspect=aspect)
         parts = [f"z={k}", f"pred {pred[k].sum() * pixel_area:.0f} {unit}"]
         if pred[k].any():
-            ax.contour(pred[k].astype(np.float32), levels=[0.5], colors=PRED_COLOR, linewidths=1.0)
+            _outline(ax, pred[k], PRED_COLOR, aspect)
         if gt is not None:
             parts.append(f"gt {gt[k].sum() * pixel_area:.0f} {unit}")
             if gt[k].any():
-                ax.contour(gt[k].astype(np.float32), levels=[0.5], colors=GT_COLOR, linewidths=1.0)
+                _outline(ax, gt[k], GT_COLOR, aspect)
         ax.set_title("  ".join(parts), fontsize=9)
     legend = "red: prediction" + (", green: ground truth" if gt is not None else "")
     fig.suptitle(f"{title}  ({legend})" if title else legend, fontsize=10)
