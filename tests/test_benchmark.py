@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -42,11 +41,11 @@ def unet_flops(c_in: int, w: int, s: int) -> int:
 
 
 def context_block_flops(c: int, n: int, r: int = 8) -> int:
-    """Hand count of one context block with the SDPA path: Q/K 1 x 1 convs, per-head Q K^T and M F, F F^T, A F."""
+    """Hand count of what one context block's maths needs: Q/K 1 x 1 convs, Q K^T at the query width d,
+    M F at the value width C, F F^T and the channel product (no zero-padded head)."""
     d = c // r
-    heads = math.ceil(c / d)
     qk = 2 * 2 * c * d * n
-    spatial = heads * (2 * n * n * d + 2 * n * n * d)
+    spatial = 2 * n * n * d + 2 * n * n * c
     channel = 2 * c * c * n + 2 * c * c * n
     return qk + spatial + channel
 

@@ -443,6 +443,10 @@ def compare_command(
         Optional[str], typer.Option(help="32 | 16-mixed | bf16-mixed (default: by hardware, same for all).")
     ] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
+    model_option: Annotated[
+        Optional[list[str]],
+        typer.Option("--model-option", help="Architecture option KEY=VALUE (JSON value) for every listed model."),
+    ] = None,
     size_check: Annotated[
         bool,
         typer.Option("--size-check", help="Dry run: build, run and time each model at the data's size; no training."),
@@ -452,6 +456,7 @@ def compare_command(
     from rich.table import Table
 
     from hepaseg.evaluation import check_sizes, compare  # imports torch: keep `hepaseg --help` fast
+    from hepaseg.training import parse_key_values
 
     if size_check:
         rows = check_sizes(data, models=models, width=width, batch=batch_size)
@@ -471,6 +476,7 @@ def compare_command(
         max_minutes_per_run=max_minutes_per_run,
         max_epochs=max_epochs,
         train_overrides={"batch_size": batch_size, "precision": precision},
+        model_options=parse_key_values(model_option or []),
         split=split,
         log=lambda line: console.print(line, highlight=False),
     )
@@ -725,6 +731,10 @@ def crossval_command(
     val_fraction: Annotated[
         float, typer.Option(help="Share of each training patient's slices (last z block) monitored as val.")
     ] = 0.15,
+    model_option: Annotated[
+        Optional[list[str]],
+        typer.Option("--model-option", help="Architecture option KEY=VALUE (JSON value) of the tumour models."),
+    ] = None,
     train_option: Annotated[
         Optional[list[str]], typer.Option("--train-option", help="Further TrainConfig field KEY=VALUE (JSON value).")
     ] = None,
@@ -743,6 +753,9 @@ def crossval_command(
     for key, value in (("synthetic_tumors", synthetic_tumors), ("augment", augment), ("batch_size", batch_size)):
         if value is not None:
             train_options[key] = value
+    if model_option:  # the same TrainConfig field as --train-option model_options={...}, key by key
+        train_options["model_options"] = {**train_options.get("model_options", {}),
+                                          **parse_key_values(model_option)}
     result = crossval(
         sources,
         out,

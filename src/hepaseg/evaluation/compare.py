@@ -254,6 +254,7 @@ def compare(
     max_minutes_per_run: float | None = None,
     max_epochs: int = 50,
     train_overrides: Mapping[str, Any] | None = None,
+    model_options: Mapping[str, Any] | None = None,
     split: str = "test",
     timing_repeats: int = 5,
     log: Callable[[str], None] | None = None,
@@ -271,6 +272,8 @@ def compare(
         train_overrides: further :class:`hepaseg.training.TrainConfig` fields shared by every
             run (``batch_size``, ``precision``, ``lr``, ``loss``, ``augment``, ``accelerator``...).
             ``precision=None`` is resolved once from the hardware so all runs share it.
+        model_options: architecture options passed to every listed model (each must accept
+            them), e.g. ``{"channel_form": "slides"}`` with ``models="mfcnet"``; default none.
         split: split to evaluate on (default ``"test"``).
         timing_repeats: timed passes of the CPU ms/slice measurement (default 5, after 2 warm-up).
         log: called with one line per step (e.g. ``console.print``); default silent.
@@ -312,6 +315,8 @@ def compare(
     protocol = json_safe({
         "data": str(data.resolve()), "split": split, "width": width, "max_epochs": max_epochs,
         "max_minutes_per_run": max_minutes_per_run, "train": shared,
+        # Only when given, so that folders written before the option existed still resume.
+        **({"model_options": dict(model_options)} if model_options else {}),
     })
     out.mkdir(parents=True, exist_ok=True)
     _check_protocol(out, protocol)
@@ -331,7 +336,8 @@ def compare(
             if state != "done":
                 say(f"[{step}/{total}] {name} seed {seed}: {'resuming' if state == 'resume' else 'training'}")
                 config = TrainConfig(data=str(data), model=name, out=str(run), seed=seed, width=width,
-                                     max_epochs=max_epochs, max_minutes=max_minutes_per_run,
+                                     model_options=dict(model_options or {}), max_epochs=max_epochs,
+                                     max_minutes=max_minutes_per_run,
                                      resume=state == "resume", overwrite=state == "restart",
                                      progress_bar=False, **shared)
                 result = train(config)

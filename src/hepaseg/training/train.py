@@ -158,12 +158,23 @@ def _prepare_run_dir(config: TrainConfig) -> Path | None:
     return None
 
 
-def _check_resume_matches(path: Path, config: TrainConfig) -> dict[str, Any]:
+def _resolved_model_options(net: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` with every architecture default of ``net`` filled in (what checkpoints record)."""
+    defaults = net.architecture_options() if hasattr(net, "architecture_options") else {}
+    return {**defaults, **given}
+
+
+def _check_resume_matches(path: Path, config: TrainConfig, net: Any) -> dict[str, Any]:
     meta = read_checkpoint(path)["hepaseg"]
-    for key, now in (("model", config.model), ("base_width", config.width), ("model_options", config.model_options)):
-        if meta.get(key) != now:
+    options = _resolved_model_options(net, config.model_options)
+    if meta.get("model_options") == config.model_options:
+        options = config.model_options  # a checkpoint from before options were recorded resolved
+    for key, then, now in (("model", meta.get("model"), config.model),
+                           ("base_width", meta.get("base_width"), config.width),
+                           ("model_options", meta.get("model_options"), options)):
+        if then != now:
             raise HepasegError(
-                f"{path}: --resume with a different {key}: expected {meta.get(key)!r} "
+                f"{path}: --resume with a different {key}: expected {then!r} "
                 f"(the checkpoint's), got {now!r}. Resume with the same model options"
             )
     return meta
@@ -263,14 +274,14 @@ def train(config: TrainConfig) -> TrainResult:
     )
     resume_from = _prepare_run_dir(config)
     if resume_from is not None:
-        meta = _check_resume_matches(resume_from, config)["metrics"]
+        meta = _check_resume_matches(resume_from, config, net)["metrics"]
         rank_zero_info(
             f"hepaseg: resuming {resume_from} (saved after epoch {meta['epoch']}, "
             f"step {meta['step']}); continuing at epoch {meta['epoch'] + 1}"
         )
     meta = {
         "model": config.model,
-        "model_options": dict(config.model_options),
+        "model_options": _resolved_model_options(net, config.model_options),
         "in_channels": datamodule.in_channels,
         "num_classes": 1,
         "base_width": config.width,
