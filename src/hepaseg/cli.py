@@ -675,6 +675,11 @@ def benchmark_command(
     quick: Annotated[
         bool, typer.Option("--quick", help="At most 2 repeats and a 16 x 512 x 512 phantom for prepare/predict.")
     ] = False,
+    ratio_widths: Annotated[
+        Optional[str], typer.Option(help="Also time mfcnet and unet at these widths (e.g. 32,64) for their ratios.")
+    ] = None,
+    clock: Annotated[str, typer.Option(help="wall | cpu (this process's CPU time; steady with --threads 1).")] = "wall",
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: torch's choice).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the JSON result here.")] = None,
 ) -> None:
     """Measure parameters, FLOPs, speed and memory of the networks, attention, prepare and predict here."""
@@ -684,6 +689,9 @@ def benchmark_command(
     from hepaseg.io.atomic import write_json_atomic
 
     names = None if models.strip().lower() == "all" else [m for m in models.replace(" ", "").split(",") if m]
+    widths = [w for w in (ratio_widths or "").replace(" ", "").split(",") if w]
+    if not all(w.isdigit() for w in widths):
+        raise HepasegError(f"--ratio-widths: expected comma-separated positive integers, got {ratio_widths!r}")
     result = run_benchmark(
         names,
         width=width,
@@ -691,6 +699,9 @@ def benchmark_command(
         batch=batch,
         repeats=repeats,
         quick=quick,
+        ratio_widths=[int(w) for w in widths],
+        clock=clock,
+        threads=threads,
         log=lambda line: err_console.print(f"[dim]benchmark:[/] {line}", highlight=False),
     )
     if out is not None:
