@@ -247,6 +247,9 @@ def train_command(
     channels_last: Annotated[
         Optional[bool], typer.Option(help="NHWC memory format (default: on for CPU bf16).")
     ] = None,
+    compile_net: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the network (the first step pays the compilation).")
+    ] = False,
     accelerator: Annotated[str, typer.Option(help="auto | cpu | gpu | mps.")] = "auto",
     devices: Annotated[str, typer.Option(help="Devices per node (a number or auto).")] = "auto",
     num_nodes: Annotated[int, typer.Option(help="Nodes (torchrun / SLURM).")] = 1,
@@ -284,6 +287,7 @@ def train_command(
             tumor_crop_fraction=tumor_crop_fraction,
             early_stopping_patience=early_stopping_patience,
             channels_last=channels_last,
+            compile=compile_net,
             accelerator=accelerator,
             devices=devices,
             num_nodes=num_nodes,
@@ -305,6 +309,8 @@ def train_command(
         ("s / epoch", per_epoch),
         ("wall s", f"{result.wall_seconds:.1f}"),
         ("steps / s", "-" if result.steps_per_second is None else f"{result.steps_per_second:.2f}"),
+        ("first step s", "-" if result.first_step_seconds is None else f"{result.first_step_seconds:.2f}"),
+        ("median step s", "-" if result.median_step_seconds is None else f"{result.median_step_seconds:.2f}"),
         ("peak GPU GiB", "-" if (peak := result.peak_gpu_memory_bytes) is None else f"{peak / 2**30:.2f}"),
         ("best.ckpt", str(result.best_checkpoint or "-")),
         ("last.ckpt", str(result.last_checkpoint or "-")),
@@ -527,6 +533,9 @@ def predict_command(
     model: Annotated[Optional[Path], typer.Option("--model", help="ONNX file from `hepaseg export`.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an --out folder that holds files.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    compile_net: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the network first (the first batch pays for it).")
+    ] = False,
 ) -> None:
     """Predict liver tumours in one CT case: mask NIfTI, lesion table, overlay PNG (+ metrics if labelled)."""
     from rich.table import Table
@@ -551,6 +560,7 @@ def predict_command(
         labels=labels,
         overwrite=overwrite,
         progress=progress,
+        compile=compile_net,
     )
     table = Table(title=f"{result.case_id}: {len(result.lesions)} lesion(s) ({result.model_name}, {result.engine})")
     for col in ("id", "volume (mL)", "max axial diameter (mm)", "centroid z,y,x (mm)", "slices"):
@@ -583,7 +593,8 @@ def predict_command(
         # One path per line, never wrapped, so it can be copied.
         console.print(f"  {key:<12} {path}", highlight=False, soft_wrap=True)
     t = result.timings
-    console.print(f"read {t['read']:.1f} s, inference {t['inference']:.1f} s, write {t['write']:.1f} s")
+    first = f" (first batch {t['first_batch']:.1f} s)" if "first_batch" in t else ""
+    console.print(f"read {t['read']:.1f} s, inference {t['inference']:.1f} s{first}, write {t['write']:.1f} s")
 
 
 @app.command("export")

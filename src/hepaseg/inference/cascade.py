@@ -261,6 +261,7 @@ def predict_cascade(
     device: str | None = None,
     precision: str = "auto",
     progress: bool = True,
+    compile: bool = False,
 ) -> CascadeResult:
     """Liver, then tumour inside it, for one CT volume (see the module docstring for the steps).
 
@@ -269,7 +270,7 @@ def predict_cascade(
             logits and its checkpoint's data options, ``target == "liver"``).
         tumor_model, tumor_options: the tumour stage (``roi == "liver"`` for crops, or whole slices).
         volume: a :class:`hepaseg.io.Volume` (``image`` ``(z, y, x)`` HU and ``spacing`` mm).
-        batch, tta, device, precision, progress: as :func:`~hepaseg.inference.predict_volume`,
+        batch, tta, device, precision, progress, compile: as :func:`~hepaseg.inference.predict_volume`,
             for both stages.
         threshold: tumour probability threshold (default 0.5, strictly greater).
         liver_threshold: liver probability threshold (default 0.5).
@@ -289,7 +290,8 @@ def predict_cascade(
     liver_opts = check_volume_for_model(image, liver_options, model=liver_model, source=f"{source} (liver stage)")
     tumor_opts = check_volume_for_model(image, tumor_options, model=tumor_model, source=f"{source} (tumour stage)")
     n_z, height, width = image.shape
-    common = {"batch": batch, "tta": tta, "device": device, "precision": precision, "progress": progress}
+    common = {"batch": batch, "tta": tta, "device": device, "precision": precision, "progress": progress,
+              "compile": compile}
 
     t0 = time.perf_counter()
     liver = predict_volume(liver_model, image, liver_opts, threshold=liver_threshold, **common)

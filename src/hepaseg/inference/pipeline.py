@@ -171,6 +171,7 @@ def predict_case(
     progress: bool = True,
     device: str | None = None,
     precision: str = "auto",
+    compile: bool = False,
 ) -> PredictResult:
     """Predict the liver tumours of one CT case and write the results folder (see module docstring).
 
@@ -194,6 +195,8 @@ def predict_case(
         progress: show a progress bar over slices.
         device: torch device (default CUDA when available); ignored by the onnx engine.
         precision: torch autocast precision (see :func:`predict_volume`; default ``"auto"``).
+        compile: ``torch.compile`` the torch network(s) first (:func:`predict_volume`); the
+            first batch pays the compilation, ``timings["first_batch"]`` says how long it took.
 
     Returns:
         :class:`PredictResult`.
@@ -249,12 +252,12 @@ def predict_case(
     if liver_loaded is None:
         tumor = predict_volume(
             model, volume, data_options, batch=batch, tta=tta, threshold=threshold, device=device,
-            precision=precision, progress=progress,
+            precision=precision, progress=progress, compile=compile, timings=timings,
         )  # (z, y, x) uint8 {0, 1}
     else:
         cascade = predict_cascade(
             liver_loaded.model, liver_loaded.data_options, model, data_options, volume, batch=batch, tta=tta,
-            threshold=threshold, device=device, precision=precision, progress=progress,
+            threshold=threshold, device=device, precision=precision, progress=progress, compile=compile,
         )
         tumor = cascade.tumor
         if labels == "lits":

@@ -202,6 +202,11 @@ class _ChunkedAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+# Under torch.compile an explicit "chunked" runs eagerly (a graph break): traced, its Python loop
+# unrolls into a long graph that compiled for minutes and ran slower than eager (56 x 56 x 128).
+# "auto" takes the SDPA path there: compiled training steps were faster with it than with the
+# graph breaks (README, "Benchmark").
+@torch.compiler.disable
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Exact ``softmax_rows(Q K^T) V`` (no scale) in float32 without the ``(B, N, N)`` matrix.
 

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 import warnings
@@ -83,6 +84,9 @@ class TrainResult:
     epoch_seconds: list[float] = field(default_factory=list)  # each epoch of this invocation (train + val)
     steps_per_second: float | None = None  # optimizer steps of this invocation / its epoch seconds (val included)
     peak_gpu_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated of this process (rank 0 on DDP)
+    first_step_seconds: float | None = None  # the first training step of this invocation (with --compile: the
+    # compilation of forward and backward, the first-call cost, is in it)
+    median_step_seconds: float | None = None  # median of the other training steps (data loading excluded)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -223,12 +227,23 @@ def _train_options(config: TrainConfig) -> dict[str, Any]:
 
 
 class _EpochTimer(Callback):
-    """Wall time of each training epoch (train + validation) and the steps of this invocation."""
+    """Wall time of each training epoch (train + validation), of each training step, and the steps of this
+    invocation."""
 
     def __init__(self) -> None:
         self.durations: list[float] = []
+        self.step_seconds: list[float] = []  # each training batch: forward, backward and optimizer step
         self._start = 0.0
+        self._step_start = 0.0
         self.first_step: int | None = None  # global_step when this invocation started (resume: > 0)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.step_seconds.append(time.perf_counter() - self._step_start)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.first_step = int(trainer.global_step)
@@ -301,6 +316,7 @@ def train(config: TrainConfig) -> TrainResult:
         warmup_fraction=config.warmup_fraction,
         min_lr_ratio=config.min_lr_ratio,
         channels_last=config.channels_last,
+        compile=config.compile,
         meta=meta,
     )
 
@@ -394,6 +410,8 @@ def train(config: TrainConfig) -> TrainResult:
             else None
         ),
         peak_gpu_memory_bytes=int(torch.cuda.max_memory_allocated()) if on_gpu else None,
+        first_step_seconds=epoch_timer.step_seconds[0] if epoch_timer.step_seconds else None,
+        median_step_seconds=statistics.median(epoch_timer.step_seconds[1:]) if epoch_timer.step_seconds[1:] else None,
     )
     if trainer.is_global_zero:
         write_json_atomic(run / "result.json", result.to_dict())
