@@ -4,6 +4,8 @@ the capture API and option checks."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -158,6 +160,10 @@ def test_auto_is_chunked_on_cpu_and_sdpa_while_tracing():
     assert block.attention_impl == "auto"
     assert block.spatial.resolved_impl(torch.device("cpu")) == "chunked"
     assert block.spatial.resolved_impl(torch.device("cuda")) == "sdpa"
+    for native, bf16_impl in ((False, "chunked"), (True, "sdpa")):  # bf16 on CPUs with and without bf16 units
+        with mock.patch.object(context, "cpu_has_native_bf16", lambda native=native: native):
+            assert block.spatial.resolved_impl(torch.device("cpu"), torch.bfloat16) == bf16_impl
+            assert block.spatial.resolved_impl(torch.device("cpu"), torch.float32) == "chunked"
     seen = []
     original = context._padded_sdpa
 

@@ -238,11 +238,9 @@ def _cpu_model() -> str:
 
 
 def _cpu_native_bf16() -> bool:
-    # Private probes; any failure means "not known to be native".
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported()) or bool(torch.cpu._is_amx_tile_supported())
-    except Exception:  # noqa: BLE001  # pragma: no cover - depends on the torch build
-        return False
+    from hepaseg.models.context import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -465,27 +463,41 @@ def _bench_attention(
 
     n = spatial * spatial
     result: dict[str, Any] = {
-        "input_shape": [batch, channels, spatial, spatial], "n": n, "pass": "forward + backward (fp32)",
+        "input_shape": [batch, channels, spatial, spatial], "n": n, "pass": "forward + backward",
         "naive_matrix_mb": batch * n * n * 4 / _MB,  # the float32 (B, N, N) attention matrix
     }
     torch.manual_seed(0)
     x = torch.randn(batch, channels, spatial, spatial, device=device, requires_grad=True)
-    steps = {}
+    blocks = {}
     for impl in ATTENTION_IMPLS:
         torch.manual_seed(0)
-        block = SpatialContext(channels, attention_impl=impl).to(device)
+        blocks[impl] = SpatialContext(channels, attention_impl=impl).to(device)
         with torch.no_grad():
-            block.alpha.fill_(0.5)  # a trained-looking weight: the context term is in the graph
+            blocks[impl].alpha.fill_(0.5)  # a trained-looking weight: the context term is in the graph
 
-        def step(block: SpatialContext = block) -> None:
+    def make_step(block: SpatialContext, x: torch.Tensor, bf16: bool) -> Callable[[], None]:
+        def step() -> None:
             x.grad = None
             block.zero_grad(set_to_none=True)
-            block(x).sum().backward()
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = block(x)
+            out.float().sum().backward()
 
-        steps[impl] = step
+        return step
+
+    steps = {impl: make_step(block, x, False) for impl, block in blocks.items()}
     seconds = interleaved_medians(steps, repeats=repeats, warmup=warmup, device=device, clock=clock)
     for impl, step in steps.items():
         result[impl] = {"ms": 1e3 * seconds[impl], "peak_memory_mb": peak_memory_bytes(step, device) / _MB}
+    # The same in bf16 autocast on channels_last input: which implementation wins there depends on
+    # the machine's bf16 support ("auto" picks by it).
+    if _bf16_skip_note(device) is None:
+        x_bf16 = x.detach().to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        bf16_steps = {impl: make_step(block.to(memory_format=torch.channels_last), x_bf16, True)
+                      for impl, block in blocks.items()}
+        seconds = interleaved_medians(bf16_steps, repeats=repeats, warmup=warmup, device=device, clock=clock)
+        for impl in ATTENTION_IMPLS:
+            result[impl]["bf16_ms"] = 1e3 * seconds[impl]
     for impl in ("naive", "chunked"):
         result[f"{impl}_over_sdpa"] = {
             "time": result[impl]["ms"] / result["sdpa"]["ms"],
@@ -744,13 +756,16 @@ def benchmark_tables(result: dict[str, Any]) -> list:
     b, c, h, w = a["input_shape"]
     att = Table(title=f"spatial context extractor {h} x {w} x {c}, batch {b}",
                 caption=f"{a['pass']}; the naive N x N matrix alone: {a['naive_matrix_mb']:.1f} MB")
-    for col in ("implementation", "ms", "peak MB"):
+    for col in ("implementation", "fp32 ms", "peak MB (fp32)", "bf16+CL ms"):
         att.add_column(col, justify="left" if col == "implementation" else "right")
     for impl in ATTENTION_IMPLS:
-        att.add_row(impl, _fmt(a[impl]["ms"], 1), _fmt(a[impl]["peak_memory_mb"], 1))
+        att.add_row(impl, _fmt(a[impl]["ms"], 1), _fmt(a[impl]["peak_memory_mb"], 1),
+                    _fmt(a[impl].get("bf16_ms"), 1))
     for impl in ("naive", "chunked"):
         r = a[f"{impl}_over_sdpa"]
-        att.add_row(f"{impl} / sdpa", _fmt(r["time"]) + "x", _fmt(r["memory"]) + "x")
+        bf16 = _ratio(a[impl].get("bf16_ms"), a["sdpa"].get("bf16_ms"))
+        att.add_row(f"{impl} / sdpa", _fmt(r["time"]) + "x", _fmt(r["memory"]) + "x",
+                    "-" if bf16 is None else _fmt(bf16) + "x")
     tables.append(att)
 
     p, q = result["prepare"], result["predict"]

@@ -67,8 +67,11 @@ result, the tests hold them equal in outputs and gradients):
   CUDA flash kernels), which leaves ``Q K^T`` unchanged but makes it cost ``D / d``
   times the FLOPs, and ``F`` is split into ``ceil(C / D)`` heads of width ``D``
   (zero-padded when ``D`` does not divide ``C``) that share one ``Q``/``K``.
-* ``"auto"`` (default): ``"chunked"`` on CPU, ``"sdpa"`` on other devices and while
-  tracing for ONNX export or ``torch.compile`` (one fused op instead of a Python loop).
+* ``"auto"`` (default): ``"chunked"`` on CPU; ``"sdpa"`` on other devices, while
+  tracing for ONNX export or ``torch.compile`` (one fused op instead of a Python loop),
+  and under bf16/fp16 autocast on CPUs with bf16 instructions (AVX512-BF16 or AMX),
+  whose fused kernel multiplies in bf16 while the chunked path stays in float32 (that
+  case is not measured: the development CPU has no bf16 instructions).
 * ``"naive"``: the explicit ``bmm`` + ``softmax`` reference with the ``(B, N, N)``
   matrix.
 
@@ -81,6 +84,7 @@ uses it to record every block of a network during one forward pass.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -96,6 +100,7 @@ __all__ = [
     "ContextRecord",
     "SpatialContext",
     "chunked_attention",
+    "cpu_has_native_bf16",
 ]
 
 AttentionImpl = Literal["auto", "chunked", "sdpa", "naive"]
@@ -245,6 +250,15 @@ def _padded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     return out.transpose(1, 2).reshape(b, n, heads * width)[..., :c]
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); the probes are private torch API."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported()) or bool(torch.cpu._is_amx_tile_supported())
+    except Exception:  # noqa: BLE001  # pragma: no cover - depends on the torch build
+        return False
+
+
 def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
@@ -297,18 +311,24 @@ class SpatialContext(nn.Module):
         k = self.activation(self.key(x)).flatten(2).transpose(1, 2)  # (B, N, d)
         return q, k, x.flatten(2).transpose(1, 2)
 
-    def resolved_impl(self, device: torch.device) -> str:
-        """The implementation ``attention_impl`` runs on ``device`` (resolves ``"auto"``)."""
+    def resolved_impl(self, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+        """The implementation ``attention_impl`` runs for queries of ``dtype`` on ``device`` (resolves ``"auto"``)."""
         if self.attention_impl != "auto":
             return self.attention_impl
-        return "chunked" if device.type == "cpu" and not _tracing() else "sdpa"
+        if device.type != "cpu" or _tracing():
+            return "sdpa"
+        # The chunked path computes in float32. Where the CPU has bf16 matrix units, the fused
+        # kernel runs its products in bf16 instead (not measured here: the development CPU has none).
+        if dtype in (torch.bfloat16, torch.float16) and cpu_has_native_bf16():
+            return "sdpa"
+        return "chunked"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``M F`` ``(B, N, C)`` with ``M = softmax_rows(Q K^T)``, without scale.
 
         Float32 from ``"chunked"``; the queries' dtype from ``"sdpa"`` and ``"naive"``.
         """
-        impl = self.resolved_impl(q.device)
+        impl = self.resolved_impl(q.device, q.dtype)
         if impl == "chunked":
             return chunked_attention(q, k, v)
         if impl == "naive":
@@ -435,7 +455,7 @@ class ContextAggregation(nn.Module):
         # One float32 copy of X (none for float32 input) feeds the channel extractor and the
         # chunked spatial product; the fused SDPA kernels take X in the queries' dtype.
         x32 = x.float()
-        if self.spatial.resolved_impl(x.device) == "chunked":
+        if self.spatial.resolved_impl(q.device, q.dtype) == "chunked":
             v = x32.flatten(2).transpose(1, 2)
         spatial = self.spatial.attend(q, k, v).transpose(1, 2).reshape(b, c, h, w)  # M F, a view
         energy = self.channel.energy(x32)
