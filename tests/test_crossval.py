@@ -282,3 +282,21 @@ def test_cli_reruns_the_tables_command_without_training(done, tmp_path, monkeypa
     assert json.loads((copy / "protocol.json").read_text()) == json.loads((out / "protocol.json").read_text())
     bad = CliRunner().invoke(app, ["crossval", str(src), "--out", str(tmp_path / "x"), "--train-option", "lr"])
     assert bad.exit_code == 1 and "--train-option: cannot parse 'lr'" in bad.output
+
+
+def test_cli_model_options_join_the_tumour_models_train_options(tmp_path, monkeypatch):
+    import hepaseg.inference.crossval as crossval_module
+
+    seen = {}
+
+    def fake(sources, out, **kwargs):  # the wiring only: crossval itself is tested above
+        seen.update(kwargs)
+        raise HepasegError("stop here")
+
+    monkeypatch.setattr(crossval_module, "crossval", fake)
+    res = CliRunner().invoke(app, ["crossval", str(tmp_path), "--out", str(tmp_path / "cv"), "--models", "mfcnet",
+                                   "--train-option", 'model_options={"placement": "inline"}',
+                                   "--model-option", "channel_form=slides", "--model-option", "qk_activation=relu"])
+    assert res.exit_code == 1 and "stop here" in res.output
+    assert seen["train_options"] == {"model_options": {"placement": "inline", "channel_form": "slides",
+                                                       "qk_activation": "relu"}}
