@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from hepaseg.models import build_model
 from hepaseg.training import load_checkpoint
 
 TINY = {"width": 4, "size": 64, "batch": 2, "repeats": 1, "quick": True, "attention": (16, 32, 2),
-        "prepare_shape": (8, 64, 64), "predict_shape": (8, 64, 64), "predict_width": 4}
+        "prepare_shape": (8, 64, 64), "predict_shape": (8, 64, 64), "predict_width": 4, "ratio_widths": (2,)}
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +41,11 @@ def unet_flops(c_in: int, w: int, s: int) -> int:
 
 
 def context_block_flops(c: int, n: int, r: int = 8) -> int:
-    """Hand count of one context block with the SDPA path: Q/K 1 x 1 convs, per-head Q K^T and M F, F F^T, A F."""
+    """Hand count of what one context block's maths needs: Q/K 1 x 1 convs, Q K^T at the query width d,
+    M F at the value width C, F F^T and the channel product (no zero-padded head)."""
     d = c // r
-    heads = math.ceil(c / d)
     qk = 2 * 2 * c * d * n
-    spatial = heads * (2 * n * n * d + 2 * n * n * d)
+    spatial = 2 * n * n * d + 2 * n * n * c
     channel = 2 * c * c * n + 2 * c * c * n
     return qk + spatial + channel
 
@@ -59,7 +58,8 @@ def test_every_field_is_present_and_positive(result):
     assert m["torch"] == torch.__version__ and m["cpu_cores"] >= 1 and m["torch_threads"] >= 1 and m["cpu"]
     assert [row["name"] for row in result["models"]] == ["unet", "mfcnet"]
     for row in result["models"]:
-        for key in ("params", "gflops", "fp32_ms_per_slice", "fp32_slices_per_s", "peak_memory_mb"):
+        for key in ("params", "gflops", "fp32_ms_per_slice", "fp32_slices_per_s", "peak_memory_mb",
+                    "train_fp32_ms_per_slice"):
             assert row[key] > 0, key
         assert row["fp32_ms_per_slice"] * row["fp32_slices_per_s"] == pytest.approx(1000.0)
         if row["bf16_ms_per_slice"] is None:
@@ -67,11 +67,19 @@ def test_every_field_is_present_and_positive(result):
         else:
             assert row["bf16_ms_per_slice"] > 0 and row["bf16_slices_per_s"] > 0 and row["bf16_speedup"] > 0
             assert row["bf16_speedup"] == pytest.approx(row["fp32_ms_per_slice"] / row["bf16_ms_per_slice"])
+            assert row["train_bf16_ms_per_slice"] > 0
+    (entry,) = result["ratios"]["by_width"]  # TINY asks for width 2 as well
+    assert entry["width"] == 2 and set(entry["mfcnet_over_unet"]) == {f"{k}_time" for k, _, _ in bench.PASSES}
+    for key, _, _ in bench.PASSES:
+        m, u = entry["mfcnet"][f"{key}_ms_per_slice"], entry["unet"][f"{key}_ms_per_slice"]
+        if u is not None:
+            assert entry["mfcnet_over_unet"][f"{key}_time"] == pytest.approx(m / u)
     a = result["attention"]
     assert a["input_shape"] == [2, 32, 16, 16] and a["n"] == 256
     assert a["naive_matrix_mb"] == pytest.approx(2 * 256 * 256 * 4 / 2**20)
-    for impl in ("sdpa", "naive"):
+    for impl in ("chunked", "sdpa", "naive"):
         assert a[impl]["ms"] > 0 and a[impl]["peak_memory_mb"] > 0
+        assert a[impl].get("bf16_ms", 1.0) > 0  # absent only where bf16 is unsupported
     # The naive path holds the (B, N, N) matrix (and its softmax and gradient) at its peak.
     assert a["naive"]["peak_memory_mb"] >= a["naive_matrix_mb"]
     p = result["prepare"]
@@ -100,11 +108,16 @@ def test_ratios_are_quotients_of_the_absolute_numbers(result):
     r = result["ratios"]["mfcnet_over_unet"]
     assert r["params"] == pytest.approx(m["params"] / u["params"])
     assert r["gflops"] == pytest.approx(m["gflops"] / u["gflops"])
-    assert r["fp32_time"] == pytest.approx(m["fp32_ms_per_slice"] / u["fp32_ms_per_slice"])
+    for key, _, _ in bench.PASSES:
+        if u[f"{key}_ms_per_slice"] is not None:
+            assert r[f"{key}_time"] == pytest.approx(m[f"{key}_ms_per_slice"] / u[f"{key}_ms_per_slice"])
     assert r["peak_memory"] == pytest.approx(m["peak_memory_mb"] / u["peak_memory_mb"])
     a = result["attention"]
     assert a["naive_over_sdpa"]["time"] == pytest.approx(a["naive"]["ms"] / a["sdpa"]["ms"])
-    assert a["naive_over_sdpa"]["memory"] == pytest.approx(a["naive"]["peak_memory_mb"] / a["sdpa"]["peak_memory_mb"])
+    for impl in ("naive", "chunked"):
+        ratio = a[f"{impl}_over_sdpa"]
+        assert ratio["time"] == pytest.approx(a[impl]["ms"] / a["sdpa"]["ms"])
+        assert ratio["memory"] == pytest.approx(a[impl]["peak_memory_mb"] / a["sdpa"]["peak_memory_mb"])
 
 
 def test_flops_match_hand_counts(result):
@@ -169,6 +182,17 @@ def test_bad_arguments_are_one_line_errors():
         bench.run_benchmark(["nosuch"], **TINY)
     with pytest.raises(HepasegError, match="--width: expected a positive integer, got 0"):
         bench.run_benchmark(["unet"], **{**TINY, "width": 0})
+    with pytest.raises(HepasegError, match="--clock: expected wall or cpu, got 'gpu'"):
+        bench.run_benchmark(["unet"], **{**TINY, "clock": "gpu"})
+    with pytest.raises(HepasegError, match="--threads: expected a positive integer, got 0"):
+        bench.run_benchmark(["unet"], **{**TINY, "threads": 0})
+
+
+def test_interleaved_medians_time_each_entry_in_turn():
+    calls = []
+    medians = bench.interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                        repeats=3, warmup=1, device=torch.device("cpu"), clock="cpu")
+    assert calls == ["a", "b"] + ["a", "b"] * 3 and set(medians) == {"a", "b"}
 
 
 def test_cli_json_and_out(result, tmp_path, monkeypatch):
@@ -188,4 +212,10 @@ def test_cli_json_and_out(result, tmp_path, monkeypatch):
     assert seen["models"] == ["unet", "mfcnet"] and seen["width"] == 4 and seen["quick"] is True
     res = CliRunner().invoke(app, ["benchmark", "--models", "all"])
     assert res.exit_code == 0 and seen["models"] is None
-    assert "mfcnet / unet" in res.stdout and "naive / sdpa" in res.stdout
+    assert "mfcnet / unet" in res.stdout and "naive / sdpa" in res.stdout and "chunked / sdpa" in res.stdout
+    assert "by width" in res.stdout and "train fp32" in res.stdout
+    res = CliRunner().invoke(app, ["benchmark", "--models", "unet,mfcnet", "--ratio-widths", "32,64", "--clock",
+                                   "cpu", "--threads", "1"])
+    assert res.exit_code == 0 and seen["ratio_widths"] == [32, 64] and seen["clock"] == "cpu" and seen["threads"] == 1
+    res = CliRunner().invoke(app, ["benchmark", "--ratio-widths", "32,x"])
+    assert res.exit_code == 1 and "error: --ratio-widths: expected comma-separated positive integers" in res.output

@@ -233,8 +233,12 @@ def test_cli_compare_wires_the_options(compared, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert seen["models"] == "unet,mfcnet" and seen["seeds"] == 2 and seen["width"] == 4
     assert seen["max_minutes_per_run"] == 1.5 and seen["max_epochs"] == 3
-    assert seen["train_overrides"] == {"batch_size": 2, "precision": "32"}
+    assert seen["train_overrides"] == {"batch_size": 2, "precision": "32"} and seen["model_options"] == {}
     assert "mfcnet" in res.stdout and "table.md" in res.stdout
+    res = CliRunner().invoke(app, ["compare", "--data", str(data), "--models", "mfcnet", "--out", str(tmp_path / "o"),
+                                   "--model-option", "channel_form=slides", "--model-option", "context_stages=[4,5]"])
+    assert res.exit_code == 0, res.output
+    assert seen["model_options"] == {"channel_form": "slides", "context_stages": [4, 5]}
 
 
 def test_cli_compare_errors_and_size_check(compared, tmp_path):

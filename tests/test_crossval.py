@@ -337,3 +337,21 @@ def test_scoring_reproduces_crossval_and_post_processes_cached_predictions(done,
                              terminal_width=200)
     assert res.exit_code == 0, res.output
     assert "postprocess.md" in res.output and ">= 20 mm3" in (copy / "postprocess.md").read_text()
+
+
+def test_cli_model_options_join_the_tumour_models_train_options(tmp_path, monkeypatch):
+    import hepaseg.inference.crossval as crossval_module
+
+    seen = {}
+
+    def fake(sources, out, **kwargs):  # the wiring only: crossval itself is tested above
+        seen.update(kwargs)
+        raise HepasegError("stop here")
+
+    monkeypatch.setattr(crossval_module, "crossval", fake)
+    res = CliRunner().invoke(app, ["crossval", str(tmp_path), "--out", str(tmp_path / "cv"), "--models", "mfcnet",
+                                   "--train-option", 'model_options={"placement": "inline"}',
+                                   "--model-option", "channel_form=slides", "--model-option", "qk_activation=relu"])
+    assert res.exit_code == 1 and "stop here" in res.output
+    assert seen["train_options"] == {"model_options": {"placement": "inline", "channel_form": "slides",
+                                                       "qk_activation": "relu"}}

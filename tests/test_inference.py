@@ -191,6 +191,26 @@ def test_batch_size_does_not_change_the_result(phantom):
     np.testing.assert_allclose(one, eight, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_prediction_equals_eager_and_pads_the_last_batch(phantom):
+    # 9 slices at batch 4: the last batch of 1 is padded to 4, so one compiled graph serves all.
+    torch.manual_seed(0)
+    eager_net = build_model("mfcnet", in_channels=3, num_classes=1, base_width=4)
+    compiled_net = build_model("mfcnet", in_channels=3, num_classes=1, base_width=4)
+    compiled_net.load_state_dict(eager_net.state_dict())
+    kw = {"threshold": None, "progress": False, "precision": "fp32", "batch": 4}
+    image = phantom.image[:9]
+    eager = predict_volume(eager_net, image, _opts(32), **kw)
+    timings: dict[str, float] = {}
+    calls = []
+    compiled_net.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape)))
+    compiled = predict_volume(compiled_net, image, _opts(32), compile=True, timings=timings, **kw)
+    np.testing.assert_allclose(compiled, eager, atol=1e-4)
+    assert calls == [(4, 3, 32, 32)] * 3  # the padded last batch has the compiled shape
+    assert timings["first_batch"] > 0
+    assert set(compiled_net.state_dict()) == set(eager_net.state_dict())  # compiled in place, same keys
+
+
 def test_bf16_precision_stays_close_to_fp32(phantom):
     kw = {"threshold": None, "progress": False}
     fp32 = predict_volume(Skewed(), phantom, _opts(64), precision="fp32", **kw)

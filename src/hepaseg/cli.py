@@ -450,6 +450,9 @@ def train_command(
     channels_last: Annotated[
         Optional[bool], typer.Option(help="NHWC memory format (default: on for CPU bf16).")
     ] = None,
+    compile_net: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the network (the first step pays the compilation).")
+    ] = False,
     accelerator: Annotated[str, typer.Option(help="auto | cpu | gpu | mps.")] = "auto",
     devices: Annotated[str, typer.Option(help="Devices per node (a number or auto).")] = "auto",
     num_nodes: Annotated[int, typer.Option(help="Nodes (torchrun / SLURM).")] = 1,
@@ -489,6 +492,7 @@ def train_command(
             tumor_crop_fraction=tumor_crop_fraction,
             early_stopping_patience=early_stopping_patience,
             channels_last=channels_last,
+            compile=compile_net,
             accelerator=accelerator,
             devices=devices,
             num_nodes=num_nodes,
@@ -510,6 +514,8 @@ def train_command(
         ("s / epoch", per_epoch),
         ("wall s", f"{result.wall_seconds:.1f}"),
         ("steps / s", "-" if result.steps_per_second is None else f"{result.steps_per_second:.2f}"),
+        ("first step s", "-" if result.first_step_seconds is None else f"{result.first_step_seconds:.2f}"),
+        ("median step s", "-" if result.median_step_seconds is None else f"{result.median_step_seconds:.2f}"),
         ("peak GPU GiB", "-" if (peak := result.peak_gpu_memory_bytes) is None else f"{peak / 2**30:.2f}"),
         ("best.ckpt", str(result.best_checkpoint or "-")),
         ("last.ckpt", str(result.last_checkpoint or "-")),
@@ -701,6 +707,10 @@ def compare_command(
         Optional[str], typer.Option(help="32 | 16-mixed | bf16-mixed (default: by hardware, same for all).")
     ] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
+    model_option: Annotated[
+        Optional[list[str]],
+        typer.Option("--model-option", help="Architecture option KEY=VALUE (JSON value) for every listed model."),
+    ] = None,
     size_check: Annotated[
         bool,
         typer.Option("--size-check", help="Dry run: build, run and time each model at the data's size; no training."),
@@ -722,6 +732,7 @@ def compare_command(
 
     from hepaseg.evaluation import check_sizes, compare  # imports torch: keep `hepaseg --help` fast
     from hepaseg.evaluation.compare import compare_collect, compare_plan, compare_run, run_index_from_env
+    from hepaseg.training import parse_key_values
 
     if size_check:
         rows = check_sizes(data, models=models, width=width, batch=batch_size)
@@ -734,7 +745,7 @@ def compare_command(
         return
     common = dict(models=models, seeds=seeds, width=width, max_minutes_per_run=max_minutes_per_run,
                   max_epochs=max_epochs, train_overrides={"batch_size": batch_size, "precision": precision},
-                  split=split)
+                  model_options=parse_key_values(model_option or [], option="--model-option"), split=split)
     say = lambda line: console.print(line, highlight=False)  # noqa: E731
     if _cluster_step(plan, run_index if plan or worker or collect else run_index_from_env(run_index), worker,
                      collect, out,
@@ -816,6 +827,9 @@ def predict_command(
     report: Annotated[
         bool, typer.Option("--report", help="Also write OUT/report.html: montage, slice browser, lesions, metrics.")
     ] = False,
+    compile_net: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the network first (the first batch pays for it).")
+    ] = False,
 ) -> None:
     """Predict liver tumours in one CT case: mask NIfTI, lesion table, overlay PNG (+ metrics if labelled).
 
@@ -847,7 +861,7 @@ def predict_command(
         _predict_batch(input_path, out, checkpoint=checkpoints, onnx_model=onnx_model,
                        liver_checkpoint=liver_checkpoints or None, batch=batch, tta=tta, threshold=threshold,
                        labels=labels, output_format=output_format, dicom=dicom, overwrite=overwrite, progress=progress,
-                       save_probabilities=save_probabilities, postprocess=postprocess)
+                       save_probabilities=save_probabilities, postprocess=postprocess, compile=compile_net)
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HepasegWarning)  # they come back in result.warnings, printed below
@@ -867,6 +881,7 @@ def predict_command(
             postprocess=postprocess,
             output_format=output_format,
             dicom=dicom,
+            compile=compile_net,
         )
     if result.settings.get("series"):
         s = result.settings["series"]
@@ -922,7 +937,8 @@ def predict_command(
         # One path per line, never wrapped, so it can be copied.
         console.print(f"  {key:<12} {path}", highlight=False, soft_wrap=True)
     t = result.timings
-    console.print(f"read {t['read']:.1f} s, inference {t['inference']:.1f} s, write {t['write']:.1f} s")
+    first = f" (first batch {t['first_batch']:.1f} s)" if "first_batch" in t else ""
+    console.print(f"read {t['read']:.1f} s, inference {t['inference']:.1f} s{first}, write {t['write']:.1f} s")
 
 
 def _predict_batch(input_path: Path, out: Path, **kwargs) -> None:
@@ -1044,6 +1060,11 @@ def benchmark_command(
     quick: Annotated[
         bool, typer.Option("--quick", help="At most 2 repeats and a 16 x 512 x 512 phantom for prepare/predict.")
     ] = False,
+    ratio_widths: Annotated[
+        Optional[str], typer.Option(help="Also time mfcnet and unet at these widths (e.g. 32,64) for their ratios.")
+    ] = None,
+    clock: Annotated[str, typer.Option(help="wall | cpu (this process's CPU time; steady with --threads 1).")] = "wall",
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: torch's choice).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the JSON result here.")] = None,
 ) -> None:
     """Measure parameters, FLOPs, speed and memory of the networks, attention, prepare and predict here."""
@@ -1056,6 +1077,9 @@ def benchmark_command(
     if out is not None:  # before the (minutes of) measuring
         check_output_file(out, option="--out")
     names = None if models.strip().lower() == "all" else [m for m in models.replace(" ", "").split(",") if m]
+    widths = [w for w in (ratio_widths or "").replace(" ", "").split(",") if w]
+    if not all(w.isdigit() for w in widths):
+        raise HepasegError(f"--ratio-widths: expected comma-separated positive integers, got {ratio_widths!r}")
     result = run_benchmark(
         names,
         width=width,
@@ -1063,6 +1087,9 @@ def benchmark_command(
         batch=batch,
         repeats=repeats,
         quick=quick,
+        ratio_widths=[int(w) for w in widths],
+        clock=clock,
+        threads=threads,
         log=lambda line: err_console.print(f"[dim]benchmark:[/] {line}", highlight=False),
     )
     if out is not None:
@@ -1103,6 +1130,10 @@ def crossval_command(
     val_fraction: Annotated[
         float, typer.Option(help="Share of each training patient's slices (last z block) monitored as val.")
     ] = 0.15,
+    model_option: Annotated[
+        Optional[list[str]],
+        typer.Option("--model-option", help="Architecture option KEY=VALUE (JSON value) of the tumour models."),
+    ] = None,
     train_option: Annotated[
         Optional[list[str]], typer.Option("--train-option", help="Further TrainConfig field KEY=VALUE (JSON value).")
     ] = None,
@@ -1156,6 +1187,9 @@ def crossval_command(
     for key, value in (("synthetic_tumors", synthetic_tumors), ("augment", augment), ("batch_size", batch_size)):
         if value is not None:
             train_options[key] = value
+    if model_option:  # the same TrainConfig field as --train-option model_options={...}, key by key
+        train_options["model_options"] = {**train_options.get("model_options", {}),
+                                          **parse_key_values(model_option)}
     options = dict(
         models=models,
         seeds=seeds,

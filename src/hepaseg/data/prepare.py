@@ -47,15 +47,16 @@ Preprocessing (inference must do the same; use :func:`preprocess_image`,
 ----------------------------------------------------------------------------
 1. Window: clip HU to ``[lo, hi]`` (default ``[-200, 250]``, the usual liver
    window) and scale linearly to ``[0, 1]``.
-2. Resize each axial slice to ``size x size`` pixels (default 224, as the
-   paper) with :func:`torch.nn.functional.interpolate`, ``align_corners=False``:
+2. Resize each axial slice to ``size x size`` pixels (default 224: our choice;
+   the MFCNet slides do not state an input size) with :func:`torch.nn.functional.interpolate`, ``align_corners=False``:
    images ``bilinear`` without antialiasing (the same as OpenCV's default
    ``cv2.resize`` used by most LiTS pipelines, and what
    :mod:`hepaseg.inference.preprocess` does), labels ``nearest-exact`` (the
    pixel whose centre is nearest; plain ``nearest`` in torch is shifted by half
    a pixel). Non-square slices are stretched.
-3. Slice selection on the ORIGINAL-resolution label: ``tumor`` (default, as the
-   paper: every axial slice whose label contains tumour), ``liver`` (any label
+3. Slice selection on the ORIGINAL-resolution label: ``tumor`` (default: every
+   axial slice whose label contains tumour, the kind of slice the MFCNet slides
+   count), ``liver`` (any label
    > 0) or ``all`` (every slice; the only choice for unlabelled volumes).
 4. Context: ``context_slices = K`` stores the K neighbours on each side as
    channels (``2K + 1`` channels, slice ``z + j - K`` in channel ``j``); at the
@@ -106,15 +107,18 @@ context channel of one block shows a slice of another), giving three case
 entries ``<id>-z:train`` etc. Slices of ONE patient are strongly correlated, so
 scores on such a split are optimistic; the manifest says ``"demo_z_split": true``.
 
-Reproducing the paper's LiTS training set
------------------------------------------
-The paper trains on 7190 tumour-bearing axial slices of the LiTS training
-volumes at 224 x 224::
+The paper's LiTS tumour slices
+------------------------------
+The MFCNet slides use 7190 tumour-bearing axial slices of LiTS. That is the number
+of tumour slices used, not the size of the training set: the slides do not say how
+the slices were split into training and test sets, nor at which size the network saw
+them. Every tumour-bearing slice of the 131 LiTS training volumes
+(``volume-N.nii`` + ``segmentation-N.nii``), at our default 224 x 224, is::
 
     hepaseg prepare /path/to/LiTS --slices tumor --size 224 --out lits_prepared
 
-over the 131 training volumes (``volume-N.nii`` + ``segmentation-N.nii``); the
-exact count depends on the LiTS release (label corrections changed a few slices).
+split by patient with ``--split`` (our protocol); the count depends on the LiTS
+release (label corrections changed a few slices).
 """
 
 from __future__ import annotations

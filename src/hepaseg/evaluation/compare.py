@@ -283,6 +283,7 @@ class _Setup:
     shared: dict[str, Any]
     protocol: dict[str, Any]
     manifest: dict[str, Any]
+    model_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def runs(self) -> list[dict[str, Any]]:
@@ -294,7 +295,8 @@ class _Setup:
         return self.out / "runs" / name / f"seed{seed}"
 
 
-def _setup(data, out, *, models, seeds, width, max_minutes_per_run, max_epochs, train_overrides, split) -> _Setup:
+def _setup(data, out, *, models, seeds, width, max_minutes_per_run, max_epochs, train_overrides, split,
+           model_options=None) -> _Setup:
     from hepaseg.training import TrainConfig
     from hepaseg.training.train import resolve_config
 
@@ -322,6 +324,8 @@ def _setup(data, out, *, models, seeds, width, max_minutes_per_run, max_epochs, 
     protocol = json_safe({
         "data": str(data.resolve()), "split": split, "width": width, "max_epochs": max_epochs,
         "max_minutes_per_run": max_minutes_per_run, "train": shared,
+        # Only when given, so that folders written before the option existed still resume.
+        **({"model_options": dict(model_options)} if model_options else {}),
     })
     out.mkdir(parents=True, exist_ok=True)
     if out_state == "new":
@@ -329,7 +333,7 @@ def _setup(data, out, *, models, seeds, width, max_minutes_per_run, max_epochs, 
     _check_protocol(out, protocol)
     return _Setup(data=data, out=out, names=names, seeds=seeds, width=width, max_epochs=max_epochs,
                   max_minutes_per_run=max_minutes_per_run, split=split, shared=shared, protocol=protocol,
-                  manifest=manifest)
+                  manifest=manifest, model_options=dict(model_options or {}))
 
 
 def _is_done(setup: _Setup, name: str, seed: int) -> bool:
@@ -347,7 +351,8 @@ def _train_and_evaluate(setup: _Setup, name: str, seed: int, claim: Claim, say: 
     state = _run_state(run, eval_dir)
     say(f"{where}: {'resuming' if state == 'resume' else 'training'}")
     config = TrainConfig(data=str(setup.data), model=name, out=str(run), seed=seed, width=setup.width,
-                         max_epochs=setup.max_epochs, max_minutes=setup.max_minutes_per_run,
+                         model_options=dict(setup.model_options), max_epochs=setup.max_epochs,
+                         max_minutes=setup.max_minutes_per_run,
                          resume=state == "resume", overwrite=state == "restart", progress_bar=False, **setup.shared)
     result = train(config)
     ckpt = result.best_checkpoint or result.last_checkpoint
@@ -376,6 +381,7 @@ def compare(
     max_minutes_per_run: float | None = None,
     max_epochs: int = 50,
     train_overrides: Mapping[str, Any] | None = None,
+    model_options: Mapping[str, Any] | None = None,
     split: str = "test",
     timing_repeats: int = 5,
     log: Callable[[str], None] | None = None,
@@ -397,6 +403,8 @@ def compare(
         train_overrides: further :class:`hepaseg.training.TrainConfig` fields shared by every
             run (``batch_size``, ``precision``, ``lr``, ``loss``, ``augment``, ``accelerator``...).
             ``precision=None`` is resolved once from the hardware so all runs share it.
+        model_options: architecture options passed to every listed model (each must accept
+            them), e.g. ``{"channel_form": "slides"}`` with ``models="mfcnet"``; default none.
         split: split to evaluate on (default ``"test"``).
         timing_repeats: timed passes of the CPU ms/slice measurement (default 5, after 2 warm-up).
         log: called with one line per step (e.g. ``console.print``); default silent.
@@ -413,7 +421,8 @@ def compare(
     t_start = time.perf_counter()
     say = log or (lambda _msg: None)
     setup = _setup(data, out, models=models, seeds=seeds, width=width, max_minutes_per_run=max_minutes_per_run,
-                   max_epochs=max_epochs, train_overrides=train_overrides, split=split)
+                   max_epochs=max_epochs, train_overrides=train_overrides, split=split,
+                   model_options=model_options)
     trained: list[tuple[str, int]] = []
     total = len(setup.runs)
     for entry in setup.runs:
@@ -441,6 +450,7 @@ def compare_plan(
     max_minutes_per_run: float | None = None,
     max_epochs: int = 50,
     train_overrides: Mapping[str, Any] | None = None,
+    model_options: Mapping[str, Any] | None = None,
     split: str = "test",
 ) -> list[dict[str, Any]]:
     """Pin the protocol and write ``OUT/plan.json``: the runs that ``compare_run`` executes by index.
@@ -449,7 +459,8 @@ def compare_plan(
     ``model``, ``seed``; index ``i`` is array task ``i`` (``sbatch --array=0-<n-1>``).
     """
     setup = _setup(data, out, models=models, seeds=seeds, width=width, max_minutes_per_run=max_minutes_per_run,
-                   max_epochs=max_epochs, train_overrides=train_overrides, split=split)
+                   max_epochs=max_epochs, train_overrides=train_overrides, split=split,
+                   model_options=model_options)
     write_json_atomic(setup.out / PLAN_FILE, {"kind": "compare", "runs": setup.runs, "protocol": setup.protocol})
     return setup.runs
 
@@ -531,6 +542,7 @@ def compare_run(
     max_minutes_per_run: float | None = None,
     max_epochs: int = 50,
     train_overrides: Mapping[str, Any] | None = None,
+    model_options: Mapping[str, Any] | None = None,
     split: str = "test",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, list]:
@@ -547,7 +559,8 @@ def compare_run(
     """
     say = log or (lambda _msg: None)
     setup = _setup(data, out, models=models, seeds=seeds, width=width, max_minutes_per_run=max_minutes_per_run,
-                   max_epochs=max_epochs, train_overrides=train_overrides, split=split)
+                   max_epochs=max_epochs, train_overrides=train_overrides, split=split,
+                   model_options=model_options)
     runs = read_plan(setup.out, "compare", setup.runs)
     return run_plan(
         runs, setup.out / CLAIMS_DIR, run_index,
@@ -566,6 +579,7 @@ def compare_collect(
     max_minutes_per_run: float | None = None,
     max_epochs: int = 50,
     train_overrides: Mapping[str, Any] | None = None,
+    model_options: Mapping[str, Any] | None = None,
     split: str = "test",
     timing_repeats: int = 5,
     log: Callable[[str], None] | None = None,
@@ -575,7 +589,8 @@ def compare_collect(
     Arguments as :func:`compare`. Trains nothing. Raises HepasegError when no run has finished.
     """
     setup = _setup(data, out, models=models, seeds=seeds, width=width, max_minutes_per_run=max_minutes_per_run,
-                   max_epochs=max_epochs, train_overrides=train_overrides, split=split)
+                   max_epochs=max_epochs, train_overrides=train_overrides, split=split,
+                   model_options=model_options)
     return _collect(setup, timing_repeats=timing_repeats, say=log or (lambda _msg: None), trained=[],
                     t_start=time.perf_counter())
 

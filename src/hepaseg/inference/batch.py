@@ -110,6 +110,7 @@ def predict_batch(
     precision: str = "auto",
     save_probabilities: bool = False,
     postprocess: PostProcess | None = None,
+    compile: bool = False,
     console=None,
 ) -> BatchResult:
     """Predict every case of ``sources`` into ``out_dir/<case_id>/`` and write ``summary.csv``.
@@ -118,7 +119,7 @@ def predict_batch(
         sources: folders or files holding the cases (anything :func:`hepaseg.io.find_cases` expands).
         out_dir: a new or empty folder, or an earlier batch output of the same settings (resumed).
         checkpoint, onnx_model, liver_checkpoint, batch, tta, threshold, labels, device, precision,
-        save_probabilities, postprocess: as for :func:`~hepaseg.inference.pipeline.predict_case`
+        save_probabilities, postprocess, compile: as for :func:`~hepaseg.inference.pipeline.predict_case`
             (``checkpoint``/``liver_checkpoint``: one path or several, an ensemble loaded once).
         output_format: ``nifti`` | ``dicom-seg`` | ``both`` for every case (a SEG needs DICOM cases;
             other cases then fail with that message in the summary).
@@ -210,7 +211,7 @@ def predict_batch(
                         path, case_dir, models=models, batch=batch, tta=tta, threshold=threshold, labels=labels,
                         overwrite=True, progress=False, device=device, precision=precision,
                         output_format=output_format, dicom=dicom, save_probabilities=save_probabilities,
-                        postprocess=postprocess,
+                        postprocess=postprocess, compile=compile,
                     )  # overwrite: the case folder is this batch's own output
                     row = _row_from_result(name, path, predicted, time.perf_counter() - t0)
                     result.predicted.append(name)

@@ -5,14 +5,17 @@
 * per network (built with ``base_width``, one input channel, one class):
   trainable parameters; FLOPs of one ``size x size`` slice (batch 1,
   :class:`torch.utils.flop_counter.FlopCounterMode`, reported in GFLOPs; see
-  "FLOPs" below); inference slices/s at batch ``batch`` in fp32 (NCHW) and in
-  bf16 autocast with channels_last weights and inputs; the peak memory of one
-  fp32 forward pass at that batch (see "Memory" below);
+  "FLOPs" below); time per slice at batch ``batch`` of an inference pass and of a
+  training step (forward, BCE-with-logits loss, backward; no optimizer), each in
+  fp32 (NCHW) and in bf16 autocast with channels_last weights and inputs; the peak
+  memory of one fp32 forward pass at that batch (see "Memory" below);
+* optionally (``ratio_widths``) MFCNet and U-Net alone at further widths, every
+  pass timed, for their ratios;
 * the spatial context extractor of MFCNet
-  (:class:`~hepaseg.models.context.SpatialContext`) with the fused
-  ``scaled_dot_product_attention`` (``"sdpa"``) against the explicit ``N x N``
-  matrix (``"naive"``) at ``56 x 56 x 256``, batch 4, forward + backward: time and
-  peak memory;
+  (:class:`~hepaseg.models.context.SpatialContext`) with its three implementations
+  (``"chunked"``, the fused ``scaled_dot_product_attention`` ``"sdpa"`` and the
+  explicit ``N x N`` matrix ``"naive"``) at ``56 x 56 x 256``, batch 4, forward +
+  backward: time and peak memory;
 * ``hepaseg prepare`` throughput: a phantom CT written as NIfTI to a temp dir,
   prepared at ``size`` with every slice kept (reading, windowing, resizing and the
   compressed shard write included);
@@ -31,20 +34,26 @@
   phantom (:func:`_bench_write`; quick: the ``16 x 512 x 512`` phantom at the same density).
 
 Ratios are reported beside the absolute numbers and are exact quotients of them:
-MFCNet / U-Net (parameters, GFLOPs, fp32 time per slice, peak memory), naive /
-SDPA (time, memory) and the bf16 speed-up (fp32 time / bf16 time per slice).
+MFCNet / U-Net (parameters, GFLOPs, time per slice of every pass, peak memory),
+naive / SDPA and chunked / SDPA (time, memory) and the bf16 speed-up (fp32 time /
+bf16 time per slice).
 
 Timing: every timed call is run ``warmup`` times first (1 with ``quick``, else 2),
-then ``repeats`` times; the MEDIAN is reported. CUDA work is synchronised inside
-each timed call.
+then ``repeats`` times; the MEDIAN is reported. The networks' passes are timed
+interleaved (unet, mfcnet, unet, mfcnet, ...), so that a shared machine's load
+changes hit every network alike and their ratios are measured side by side. The
+clock is wall time, or with ``clock="cpu"`` this process's CPU time (with one torch
+thread, what the work cost whatever else runs on the machine). CUDA work is
+synchronised inside each timed call.
 
 FLOPs: ``FlopCounterMode`` counts matrix products and convolutions as 2 x MACs and
-ignores element-wise work (BatchNorm, ReLU, softmax, pooling). Its registry has no
-formula for the CPU flash-attention kernel, which ``scaled_dot_product_attention``
-dispatches to on CPU, so we add one (``2 b h n m (d + d_v)``, the formula torch uses
-for the CUDA kernels): the count is then what the default implementation of each
-model executes. (MFCNet's SDPA path shares one ``Q K^T`` across ``ceil(C / d)``
-heads and recomputes it per head, so it counts more FLOPs than the naive path.)
+ignores element-wise work (BatchNorm, ReLU, softmax, pooling). MFCNet is counted
+with its ``"chunked"`` attention, whose products are exactly what the maths needs
+(``Q K^T`` at the query width ``C/8``, ``M F`` at the value width ``C``); the SDPA
+path zero-pads queries and keys to the value width and would count ``Q K^T`` up to
+8 times over. The registry has no formula for the CPU flash-attention kernel, so
+one is added (``2 b h n m (d + d_v)``, the formula torch uses for the CUDA kernels)
+for networks that call it.
 
 Memory (:data:`MEMORY_METHOD`): on CUDA, ``torch.cuda.max_memory_allocated`` during
 the call minus what was allocated before it. On CPU, ``torch.profiler`` with
@@ -81,11 +90,13 @@ from hepaseg.errors import HepasegError
 from hepaseg.io.atomic import atomic_path
 
 __all__ = [
+    "CLOCKS",
     "IRCADB_SHAPE",
     "MEMORY_METHOD",
     "benchmark_tables",
     "count_flops",
     "find_ircadb",
+    "interleaved_medians",
     "machine_info",
     "median_seconds",
     "peak_memory_bytes",
@@ -121,18 +132,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], Any], *, repeats: int, warmup: int, device: torch.device) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
-    for _ in range(warmup):
-        fn()
+#: Clocks of the timings: wall time, or the CPU time of this process (all its threads). With
+#: ``--threads 1`` the CPU time is what the work cost, whatever else runs on a shared machine.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def median_seconds(
+    fn: Callable[[], Any], *, repeats: int, warmup: int, device: torch.device, clock: str = "wall"
+) -> float:
+    """Median seconds (``clock``: :data:`CLOCKS`) of ``fn()`` over ``repeats`` runs after ``warmup`` untimed ones."""
+    return interleaved_medians({"fn": fn}, repeats=repeats, warmup=warmup, device=device, clock=clock)["fn"]
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int, device: torch.device, clock: str = "wall"
+) -> dict[str, float]:
+    """Median seconds of each ``fn()``, its timed runs interleaved with the others' (a, b, a, b, ...).
+
+    Interleaving spreads a shared machine's load changes over every entry alike, so ratios of
+    the medians are fairer than ratios of runs timed one after the other. Every ``fn`` first
+    runs ``warmup`` times untimed.
+    """
+    now = CLOCKS[clock]
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(statistics.median(times))
+        for name, fn in fns.items():
+            t0 = now()
+            fn()
+            _sync(device)
+            times[name].append(now() - t0)
+    return {name: float(statistics.median(t)) for name, t in times.items()}
 
 
 @contextlib.contextmanager
@@ -213,11 +246,9 @@ def _cpu_model() -> str:
 
 
 def _cpu_native_bf16() -> bool:
-    # Private probes; any failure means "not known to be native".
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported()) or bool(torch.cpu._is_amx_tile_supported())
-    except Exception:  # noqa: BLE001  # pragma: no cover - depends on the torch build
-        return False
+    from hepaseg.models.context import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -308,53 +339,133 @@ def find_ircadb() -> Path | None:
 # --- the parts ----------------------------------------------------------------------------------
 
 
-def _bench_model(
-    name: str, *, width: int, size: int, batch: int, repeats: int, warmup: int, device: torch.device
-) -> dict[str, Any]:
+def _bf16_skip_note(device: torch.device) -> str | None:
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return f"skipped: {torch.cuda.get_device_name(device)} has no bf16 support"
+    return None
+
+
+def _step_fns(
+    nets: dict[str, torch.nn.Module], x: torch.Tensor, *, train: bool, bf16: bool, device: torch.device
+) -> dict[str, Callable[[], None]]:
+    """One inference pass or one training step (forward + backward) per network.
+
+    bf16: autocast with channels_last weights and inputs; else float32 NCHW. A training step
+    is forward, a BCE-with-logits loss against a fixed random mask, backward, gradients set
+    to None (no optimizer: its cost does not depend on the architecture's FLOPs).
+    """
+    memory_format = torch.channels_last if bf16 else torch.contiguous_format
+    x = x.contiguous(memory_format=memory_format)
+    target = (torch.rand(x.shape[0], 1, *x.shape[2:], generator=torch.Generator().manual_seed(1)) > 0.9)
+    target = target.float().to(device)
+    fns = {}
+    for name, net in nets.items():
+        net.to(memory_format=memory_format).train(train)
+
+        def step(net: torch.nn.Module = net) -> None:
+            with contextlib.ExitStack() as stack:
+                if not train:
+                    stack.enter_context(torch.inference_mode())
+                if bf16:
+                    stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+                logits = net(x)
+            if train:
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
+                loss.backward()
+                net.zero_grad(set_to_none=True)
+
+        fns[name] = step
+    return fns
+
+
+#: The timed passes of every network: (key, training step?, bf16 + channels_last?).
+PASSES = (("fp32", False, False), ("bf16", False, True), ("train_fp32", True, False), ("train_bf16", True, True))
+
+
+def _time_networks(
+    names: Sequence[str], *, width: int, size: int, batch: int, repeats: int, warmup: int, device: torch.device,
+    clock: str,
+) -> dict[str, dict[str, Any]]:
+    """``{name: {<pass>_ms_per_slice: ...}}`` for :data:`PASSES`, each pass interleaved over the networks."""
+    from hepaseg.models import build_model
+
+    torch.manual_seed(0)
+    nets = {name: build_model(name, in_channels=1, num_classes=1, base_width=width).to(device) for name in names}
+    x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    out: dict[str, dict[str, Any]] = {name: {} for name in names}
+    skip = _bf16_skip_note(device)
+    for key, train, bf16 in PASSES:
+        if bf16 and skip:
+            for name in names:
+                out[name][f"{key}_ms_per_slice"] = None
+            continue
+        try:
+            seconds = interleaved_medians(_step_fns(nets, x, train=train, bf16=bf16, device=device),
+                                          repeats=repeats, warmup=warmup, device=device, clock=clock)
+        except RuntimeError as exc:  # autocast or a kernel unsupported on this device
+            if not bf16:
+                raise
+            skip = f"skipped: bf16 autocast failed ({str(exc).splitlines()[0][:120]})"
+            for name in names:
+                out[name][f"{key}_ms_per_slice"] = None
+            continue
+        for name in names:
+            out[name][f"{key}_ms_per_slice"] = 1e3 * seconds[name] / batch
+    native = device.type == "cuda" or _cpu_native_bf16()
+    note = skip or ("native bf16" if native else "emulated bf16 (no AVX512-BF16/AMX): expect a slow-down")
+    for name in names:
+        out[name]["bf16_note"] = note
+    return out
+
+
+def _bench_models(
+    names: Sequence[str], *, width: int, size: int, batch: int, repeats: int, warmup: int, device: torch.device,
+    clock: str,
+) -> list[dict[str, Any]]:
     from hepaseg.models import build_model, count_parameters
 
-    model = build_model(name, in_channels=1, num_classes=1, base_width=width).eval().to(device)
-    row: dict[str, Any] = {"name": name, "params": count_parameters(model)}
-    row["gflops"] = count_flops(model, torch.rand(1, 1, size, size, device=device)) / 1e9
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = build_model(name, in_channels=1, num_classes=1, base_width=width).eval().to(device)
+        if hasattr(model, "set_attention_impl"):
+            # FLOPs of what the maths needs: the chunked path computes Q K^T at the query width,
+            # where the SDPA path pays for zero-padded heads.
+            model.set_attention_impl("chunked")
+        row: dict[str, Any] = {"name": name, "params": count_parameters(model)}
+        row["gflops"] = count_flops(model, torch.rand(1, 1, size, size, device=device)) / 1e9
+        if hasattr(model, "set_attention_impl"):
+            model.set_attention_impl("auto")
+        x = torch.rand(batch, 1, size, size, device=device)
 
-    x = torch.rand(batch, 1, size, size, device=device)
+        def forward(model: torch.nn.Module = model, x: torch.Tensor = x) -> None:
+            with torch.inference_mode():
+                model(x)
 
-    def forward() -> None:
-        with torch.inference_mode():
-            model(x)
+        forward()  # untimed: oneDNN picks its kernels on the first call
+        row["peak_memory_mb"] = peak_memory_bytes(forward, device) / _MB
+        rows.append(row)
+    times = _time_networks(names, width=width, size=size, batch=batch, repeats=repeats, warmup=warmup,
+                           device=device, clock=clock)
+    for row in rows:
+        t = times[row["name"]]
+        row.update(t)
+        row["fp32_slices_per_s"] = 1e3 / t["fp32_ms_per_slice"]
+        row["bf16_slices_per_s"] = None if t["bf16_ms_per_slice"] is None else 1e3 / t["bf16_ms_per_slice"]
+        row["bf16_speedup"] = _ratio(t["fp32_ms_per_slice"], t["bf16_ms_per_slice"])
+    return rows
 
-    seconds = median_seconds(forward, repeats=repeats, warmup=warmup, device=device)
-    row["fp32_ms_per_slice"] = 1e3 * seconds / batch
-    row["fp32_slices_per_s"] = batch / seconds
-    row["peak_memory_mb"] = peak_memory_bytes(forward, device) / _MB
 
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        row.update(bf16_ms_per_slice=None, bf16_slices_per_s=None, bf16_speedup=None,
-                   bf16_note=f"skipped: {torch.cuda.get_device_name(device)} has no bf16 support")
-        return row
-    model = model.to(memory_format=torch.channels_last)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
+def _ratio_row(m: dict[str, Any], u: dict[str, Any]) -> dict[str, float | None]:
+    """MFCNet / U-Net of every timed pass (keys ``fp32_time``, ``bf16_time``, ``train_fp32_time``...)."""
+    return {f"{key}_time": _ratio(m[f"{key}_ms_per_slice"], u[f"{key}_ms_per_slice"]) for key, _, _ in PASSES}
 
-    def forward_bf16() -> None:
-        with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            model(x_cl)
 
-    try:
-        seconds = median_seconds(forward_bf16, repeats=repeats, warmup=warmup, device=device)
-    except RuntimeError as exc:  # autocast or a kernel unsupported on this device
-        row.update(bf16_ms_per_slice=None, bf16_slices_per_s=None, bf16_speedup=None,
-                   bf16_note=f"skipped: bf16 autocast failed ({str(exc).splitlines()[0][:120]})")
-        return row
-    row["bf16_ms_per_slice"] = 1e3 * seconds / batch
-    row["bf16_slices_per_s"] = batch / seconds
-    row["bf16_speedup"] = row["fp32_ms_per_slice"] / row["bf16_ms_per_slice"]
-    native = device.type == "cuda" or _cpu_native_bf16()
-    row["bf16_note"] = "native bf16" if native else "emulated bf16 (no AVX512-BF16/AMX): expect a slow-down"
-    return row
+ATTENTION_IMPLS = ("chunked", "sdpa", "naive")
 
 
 def _bench_attention(
-    spatial: int, channels: int, batch: int, *, repeats: int, warmup: int, device: torch.device
+    spatial: int, channels: int, batch: int, *, repeats: int, warmup: int, device: torch.device, clock: str = "wall"
 ) -> dict[str, Any]:
     from hepaseg.models.context import SpatialContext
 
@@ -365,23 +476,41 @@ def _bench_attention(
     }
     torch.manual_seed(0)
     x = torch.randn(batch, channels, spatial, spatial, device=device, requires_grad=True)
-    for impl in ("sdpa", "naive"):
+    blocks = {}
+    for impl in ATTENTION_IMPLS:
         torch.manual_seed(0)
-        block = SpatialContext(channels, attention_impl=impl).to(device)
+        blocks[impl] = SpatialContext(channels, attention_impl=impl).to(device)
         with torch.no_grad():
-            block.alpha.fill_(0.5)  # a trained-looking weight: the context term is in the graph
+            blocks[impl].alpha.fill_(0.5)  # a trained-looking weight: the context term is in the graph
 
-        def step(block: SpatialContext = block) -> None:
+    def make_step(block: SpatialContext, x: torch.Tensor, bf16: bool) -> Callable[[], None]:
+        def step() -> None:
             x.grad = None
             block.zero_grad(set_to_none=True)
-            block(x).sum().backward()
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = block(x)
+            out.float().sum().backward()
 
-        seconds = median_seconds(step, repeats=repeats, warmup=warmup, device=device)
-        result[impl] = {"ms": 1e3 * seconds, "peak_memory_mb": peak_memory_bytes(step, device) / _MB}
-    result["naive_over_sdpa"] = {
-        "time": result["naive"]["ms"] / result["sdpa"]["ms"],
-        "memory": _ratio(result["naive"]["peak_memory_mb"], result["sdpa"]["peak_memory_mb"]),
-    }
+        return step
+
+    steps = {impl: make_step(block, x, False) for impl, block in blocks.items()}
+    seconds = interleaved_medians(steps, repeats=repeats, warmup=warmup, device=device, clock=clock)
+    for impl, step in steps.items():
+        result[impl] = {"ms": 1e3 * seconds[impl], "peak_memory_mb": peak_memory_bytes(step, device) / _MB}
+    # The same in bf16 autocast on channels_last input: which implementation wins there depends on
+    # the machine's bf16 support ("auto" picks by it).
+    if _bf16_skip_note(device) is None:
+        x_bf16 = x.detach().to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        bf16_steps = {impl: make_step(block.to(memory_format=torch.channels_last), x_bf16, True)
+                      for impl, block in blocks.items()}
+        seconds = interleaved_medians(bf16_steps, repeats=repeats, warmup=warmup, device=device, clock=clock)
+        for impl in ATTENTION_IMPLS:
+            result[impl]["bf16_ms"] = 1e3 * seconds[impl]
+    for impl in ("naive", "chunked"):
+        result[f"{impl}_over_sdpa"] = {
+            "time": result[impl]["ms"] / result["sdpa"]["ms"],
+            "memory": _ratio(result[impl]["peak_memory_mb"], result["sdpa"]["peak_memory_mb"]),
+        }
     return result
 
 
@@ -545,6 +674,9 @@ def run_benchmark(
     prepare_shape: tuple[int, int, int] | None = None,
     predict_shape: tuple[int, int, int] | None = None,
     predict_width: int = 32,
+    ratio_widths: Sequence[int] = (),
+    clock: str = "wall",
+    threads: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure the networks and the pipeline on this machine (see the module docstring).
@@ -565,85 +697,107 @@ def run_benchmark(
         predict_shape: ``(z, y, x)`` of a phantom to predict; default 3D-IRCADb 1.1 itself when
             found, else a ``129 x 512 x 512`` phantom (quick: ``16 x 512 x 512``).
         predict_width: ``base_width`` of the untrained MFCNet used for predict (default 32).
+        ratio_widths: further widths at which only mfcnet and unet are timed (every pass,
+            interleaved) for their ratios (default none; e.g. ``(32, 64)``).
+        clock: ``"wall"`` (default) or ``"cpu"`` (this process's CPU time; see :data:`CLOCKS`).
+        threads: torch threads for the run (default: torch's own choice).
         log: called with a short line before each part (progress for long runs).
 
     Returns:
         A JSON-ready dict: ``machine``, ``settings``, ``models`` (one row each),
-        ``ratios`` (``mfcnet_over_unet`` or None), ``attention``, ``prepare``, ``prepare_workers``,
-        ``predict``, ``write``.
+        ``ratios`` (``mfcnet_over_unet`` or None, ``by_width``), ``attention``, ``prepare``,
+        ``prepare_workers``, ``predict``, ``write``.
 
     Raises:
         HepasegError: an unknown model name or a non-positive setting.
     """
     from hepaseg.models import list_models, model_info
 
-    for name, value in (("--width", width), ("--size", size), ("--batch", batch), ("--repeats", repeats),
-                        ("predict_width", predict_width)):
+    checks = [("--width", width), ("--size", size), ("--batch", batch), ("--repeats", repeats),
+              ("predict_width", predict_width), *(("--ratio-widths", w) for w in ratio_widths)]
+    if threads is not None:
+        checks.append(("--threads", threads))
+    for name, value in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise HepasegError(f"{name}: expected a positive integer, got {value!r}")
-    names = list(list_models()) if models is None else [str(m) for m in models]
-    if not names:
-        raise HepasegError("--models: expected at least one model name (or all), got none")
-    for name in names:
-        model_info(name)  # unknown names raise listing the valid ones
-    say = log or (lambda _line: None)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    warmup = 1 if quick else 2
-    if quick:
-        repeats = min(repeats, 2)
-    prepare_shape = prepare_shape or (QUICK_VOLUME_SHAPE if quick else (64, 512, 512))
-    if predict_shape is None and quick:
-        predict_shape = QUICK_VOLUME_SHAPE
+    if clock not in CLOCKS:
+        raise HepasegError(f"--clock: expected {' or '.join(CLOCKS)}, got {clock!r}")
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        names = list(list_models()) if models is None else [str(m) for m in models]
+        if not names:
+            raise HepasegError("--models: expected at least one model name (or all), got none")
+        for name in names:
+            model_info(name)  # unknown names raise listing the valid ones
+        say = log or (lambda _line: None)
+        default_device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device) if device is not None else torch.device(default_device)
+        warmup = 1 if quick else 2
+        if quick:
+            repeats = min(repeats, 2)
+        prepare_shape = prepare_shape or (QUICK_VOLUME_SHAPE if quick else (64, 512, 512))
+        if predict_shape is None and quick:
+            predict_shape = QUICK_VOLUME_SHAPE
 
-    result: dict[str, Any] = {
-        "machine": machine_info(dev),
-        "settings": {
-            "models": names, "width": width, "size": size, "batch": batch, "repeats": repeats, "warmup": warmup,
-            "quick": quick, "timing": "median of repeats after warm-up",
-            "memory_method": MEMORY_METHOD["cuda" if dev.type == "cuda" else "cpu"],
-            "flops": "torch.utils.flop_counter.FlopCounterMode, batch 1, 2 x MACs of convs and matmuls",
-        },
-    }
-    rows = []
-    for name in names:
-        say(f"model {name} (width {width}, {size} x {size}, batch {batch})")
-        rows.append(_bench_model(name, width=width, size=size, batch=batch, repeats=repeats, warmup=warmup,
-                                 device=dev))
-    result["models"] = rows
-    by_name = {row["name"]: row for row in rows}
-    if "mfcnet" in by_name and "unet" in by_name:
-        m, u = by_name["mfcnet"], by_name["unet"]
-        result["ratios"] = {"mfcnet_over_unet": {
-            "params": m["params"] / u["params"],
-            "gflops": m["gflops"] / u["gflops"],
-            "fp32_time": m["fp32_ms_per_slice"] / u["fp32_ms_per_slice"],
-            "bf16_time": _ratio(m["bf16_ms_per_slice"], u["bf16_ms_per_slice"]),
-            "peak_memory": _ratio(m["peak_memory_mb"], u["peak_memory_mb"]),
-        }}
-    else:
-        result["ratios"] = {"mfcnet_over_unet": None, "note": "needs both mfcnet and unet in --models"}
+        result: dict[str, Any] = {
+            "machine": machine_info(dev),
+            "settings": {
+                "models": names, "width": width, "size": size, "batch": batch, "repeats": repeats, "warmup": warmup,
+                "quick": quick, "clock": clock, "ratio_widths": list(ratio_widths),
+                "timing": "median of repeats after warm-up, each pass interleaved over the networks",
+                "memory_method": MEMORY_METHOD["cuda" if dev.type == "cuda" else "cpu"],
+                "flops": "torch.utils.flop_counter.FlopCounterMode, batch 1, 2 x MACs of convs and matmuls",
+            },
+        }
+        say(f"models {', '.join(names)} (width {width}, {size} x {size}, batch {batch}; inference and training step)")
+        rows = _bench_models(names, width=width, size=size, batch=batch, repeats=repeats, warmup=warmup, device=dev,
+                             clock=clock)
+        result["models"] = rows
+        by_name = {row["name"]: row for row in rows}
+        if "mfcnet" in by_name and "unet" in by_name:
+            m, u = by_name["mfcnet"], by_name["unet"]
+            result["ratios"] = {"mfcnet_over_unet": {
+                "params": m["params"] / u["params"],
+                "gflops": m["gflops"] / u["gflops"],
+                **_ratio_row(m, u),
+                "peak_memory": _ratio(m["peak_memory_mb"], u["peak_memory_mb"]),
+            }}
+        else:
+            result["ratios"] = {"mfcnet_over_unet": None, "note": "needs both mfcnet and unet in --models"}
+        by_width = []
+        for w in ratio_widths:
+            say(f"mfcnet and unet at width {w} ({size} x {size}, batch {batch}; inference and training step)")
+            times = _time_networks(("unet", "mfcnet"), width=w, size=size, batch=batch, repeats=repeats, warmup=warmup,
+                                   device=dev, clock=clock)
+            by_width.append({"width": w, "unet": times["unet"], "mfcnet": times["mfcnet"],
+                             "mfcnet_over_unet": _ratio_row(times["mfcnet"], times["unet"])})
+        result["ratios"]["by_width"] = by_width
 
-    spatial, channels, att_batch = attention
-    say(f"spatial context: sdpa vs naive at {spatial} x {spatial} x {channels}, batch {att_batch}")
-    result["attention"] = _bench_attention(spatial, channels, att_batch, repeats=repeats, warmup=warmup,
-                                           device=dev)
-    with tempfile.TemporaryDirectory(prefix="hepaseg-benchmark-") as tmp:
-        work = Path(tmp)
-        say(f"prepare: phantom {prepare_shape[0]} x {prepare_shape[1]} x {prepare_shape[2]} at {size}")
-        result["prepare"] = _bench_prepare(tuple(prepare_shape), size, work)
-        multi_shape = tuple(prepare_shape)
-        say(f"prepare: {PREPARE_CASES} phantoms {' x '.join(map(str, multi_shape))} with 1 and 2 workers")
-        result["prepare_workers"] = _bench_prepare_workers(PREPARE_CASES, multi_shape, size, work)
-        volume = "3D-IRCADb-sized volume" if predict_shape is None else f"phantom {predict_shape}"
-        say(f"predict: untrained width-{predict_width} mfcnet, {volume}")
-        result["predict"] = _bench_predict(
-            None if predict_shape is None else tuple(predict_shape), size=size, batch=batch, width=predict_width,
-            device=dev, work=work,
-        )
-        write_shape = tuple(predict_shape) if predict_shape is not None else IRCADB_SHAPE
-        say(f"write step: speckled mask on a phantom {write_shape}")
-        result["write"] = _bench_write(write_shape, work)
-    return result
+        spatial, channels, att_batch = attention
+        say(f"spatial context: chunked vs sdpa vs naive at {spatial} x {spatial} x {channels}, batch {att_batch}")
+        result["attention"] = _bench_attention(spatial, channels, att_batch, repeats=repeats, warmup=warmup,
+                                               device=dev, clock=clock)
+        with tempfile.TemporaryDirectory(prefix="hepaseg-benchmark-") as tmp:
+            work = Path(tmp)
+            say(f"prepare: phantom {prepare_shape[0]} x {prepare_shape[1]} x {prepare_shape[2]} at {size}")
+            result["prepare"] = _bench_prepare(tuple(prepare_shape), size, work)
+            multi_shape = tuple(prepare_shape)
+            say(f"prepare: {PREPARE_CASES} phantoms {' x '.join(map(str, multi_shape))} with 1 and 2 workers")
+            result["prepare_workers"] = _bench_prepare_workers(PREPARE_CASES, multi_shape, size, work)
+            volume = "3D-IRCADb-sized volume" if predict_shape is None else f"phantom {predict_shape}"
+            say(f"predict: untrained width-{predict_width} mfcnet, {volume}")
+            result["predict"] = _bench_predict(
+                None if predict_shape is None else tuple(predict_shape), size=size, batch=batch, width=predict_width,
+                device=dev, work=work,
+            )
+            write_shape = tuple(predict_shape) if predict_shape is not None else IRCADB_SHAPE
+            say(f"write step: speckled mask on a phantom {write_shape}")
+            result["write"] = _bench_write(write_shape, work)
+        return result
+    finally:
+        torch.set_num_threads(previous_threads)  # a library call leaves the process as it found it
 
 
 # --- tables ---------------------------------------------------------------------------------------
@@ -665,40 +819,55 @@ def benchmark_tables(result: dict[str, Any]) -> list:
                                 f"median of {s['repeats']} after {s['warmup']} warm-up")
     machine.add_row("memory", s["memory_method"])
 
-    models = Table(title=f"networks (width {s['width']}, {s['size']} x {s['size']}; time per slice at batch "
-                         f"{s['batch']})")
-    for col in ("model", "params (M)", "GFLOPs/slice", "fp32 ms", "fp32 slices/s", "bf16+CL ms",
-                "bf16 slices/s", "bf16 speed-up", "peak MB (fp32)"):
+    clock = "CPU" if s.get("clock") == "cpu" else "wall"
+    models = Table(title=f"networks (width {s['width']}, {s['size']} x {s['size']}; {clock} ms per slice at batch "
+                         f"{s['batch']}; train = forward + backward)")
+    for col in ("model", "params (M)", "GFLOPs/slice", "fp32 ms", "bf16+CL ms", "bf16 speed-up", "train fp32 ms",
+                "train bf16+CL ms", "peak MB (fp32)"):
         models.add_column(col, justify="left" if col == "model" else "right")
     for row in result["models"]:
         models.add_row(
             row["name"], _fmt(row["params"] / 1e6), _fmt(row["gflops"]), _fmt(row["fp32_ms_per_slice"], 1),
-            _fmt(row["fp32_slices_per_s"], 1), _fmt(row["bf16_ms_per_slice"], 1),
-            _fmt(row["bf16_slices_per_s"], 1), _fmt(row["bf16_speedup"]) + "x", _fmt(row["peak_memory_mb"], 1),
+            _fmt(row["bf16_ms_per_slice"], 1), _fmt(row["bf16_speedup"]) + "x",
+            _fmt(row["train_fp32_ms_per_slice"], 1), _fmt(row["train_bf16_ms_per_slice"], 1),
+            _fmt(row["peak_memory_mb"], 1),
         )
     notes = sorted({row["bf16_note"] for row in result["models"]})
     models.caption = "bf16: " + "; ".join(notes)
 
     tables = [machine, models]
     ratios = result["ratios"]["mfcnet_over_unet"]
+    passes = ("fp32_time", "bf16_time", "train_fp32_time", "train_bf16_time")
+    headers = ("fp32", "bf16+CL", "train fp32", "train bf16+CL")
     if ratios is not None:
-        t = Table(title="mfcnet / unet")
-        for col in ("params", "GFLOPs", "fp32 time", "bf16 time", "peak memory"):
+        t = Table(title=f"mfcnet / unet (width {s['width']})")
+        for col in ("params", "GFLOPs", *headers, "peak memory"):
             t.add_column(col, justify="right")
-        t.add_row(*(_fmt(ratios[k], 3) + "x" for k in ("params", "gflops", "fp32_time", "bf16_time",
-                                                        "peak_memory")))
+        t.add_row(*(_fmt(ratios[k], 3) + "x" for k in ("params", "gflops", *passes, "peak_memory")))
+        tables.append(t)
+    if result["ratios"].get("by_width"):
+        t = Table(title=f"mfcnet / unet by width ({clock} time, each pass interleaved)")
+        t.add_column("width", justify="right")
+        for col in headers:
+            t.add_column(col, justify="right")
+        for entry in result["ratios"]["by_width"]:
+            t.add_row(str(entry["width"]), *(_fmt(entry["mfcnet_over_unet"][k], 3) + "x" for k in passes))
         tables.append(t)
 
     a = result["attention"]
     b, c, h, w = a["input_shape"]
     att = Table(title=f"spatial context extractor {h} x {w} x {c}, batch {b}",
                 caption=f"{a['pass']}; the naive N x N matrix alone: {a['naive_matrix_mb']:.1f} MB")
-    for col in ("implementation", "ms", "peak MB"):
+    for col in ("implementation", "fp32 ms", "peak MB (fp32)", "bf16+CL ms"):
         att.add_column(col, justify="left" if col == "implementation" else "right")
-    for impl in ("sdpa", "naive"):
-        att.add_row(impl, _fmt(a[impl]["ms"], 1), _fmt(a[impl]["peak_memory_mb"], 1))
-    r = a["naive_over_sdpa"]
-    att.add_row("naive / sdpa", _fmt(r["time"]) + "x", _fmt(r["memory"]) + "x")
+    for impl in ATTENTION_IMPLS:
+        att.add_row(impl, _fmt(a[impl]["ms"], 1), _fmt(a[impl]["peak_memory_mb"], 1),
+                    _fmt(a[impl].get("bf16_ms"), 1))
+    for impl in ("naive", "chunked"):
+        r = a[f"{impl}_over_sdpa"]
+        bf16 = _ratio(a[impl].get("bf16_ms"), a["sdpa"].get("bf16_ms"))
+        att.add_row(f"{impl} / sdpa", _fmt(r["time"]) + "x", _fmt(r["memory"]) + "x",
+                    "-" if bf16 is None else _fmt(bf16) + "x")
     tables.append(att)
 
     p, q = result["prepare"], result["predict"]

@@ -286,6 +286,7 @@ def predict_cascade(
     precision: str = "auto",
     progress: bool = True,
     details: bool = False,
+    compile: bool = False,
 ) -> CascadeResult:
     """Liver, then tumour inside it, for one CT volume (see the module docstring for the steps).
 
@@ -295,7 +296,7 @@ def predict_cascade(
         tumor_model, tumor_options: the tumour stage (``roi == "liver"`` for crops, or whole slices);
             a network or a list of them.
         volume: a :class:`hepaseg.io.Volume` (``image`` ``(z, y, x)`` HU and ``spacing`` mm).
-        batch, tta, device, precision, progress: as :func:`~hepaseg.inference.predict_volume`,
+        batch, tta, device, precision, progress, compile: as :func:`~hepaseg.inference.predict_volume`,
             for both stages.
         threshold: tumour probability threshold (default 0.5, strictly greater).
         liver_threshold: liver probability threshold (default 0.5).
@@ -319,7 +320,8 @@ def predict_cascade(
     for member in tumor_models:
         tumor_opts = check_volume_for_model(image, tumor_options, model=member, source=f"{source} (tumour stage)")
     n_z, height, width = image.shape
-    common = {"batch": batch, "tta": tta, "device": device, "precision": precision, "progress": progress}
+    common = {"batch": batch, "tta": tta, "device": device, "precision": precision, "progress": progress,
+              "compile": compile}
     n_members = (len(liver_models), len(tumor_models))
 
     t0 = time.perf_counter()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,13 @@ import torch
 from torch import nn
 
 from hepaseg.errors import HepasegError
-from hepaseg.evaluation.ensemble import MAX_MEMBERS, check_members, ensemble_name, ensemble_probabilities
+from hepaseg.evaluation.ensemble import (
+    MAX_MEMBERS,
+    BatchProbabilities,
+    check_members,
+    ensemble_name,
+    ensemble_probabilities,
+)
 from hepaseg.inference.predictor import (
     PRECISIONS,
     _autocast,
@@ -131,6 +138,8 @@ def predict_ensemble(
     uncertainty: bool = False,
     votes: bool = False,
     threshold: float = 0.5,
+    compile: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> EnsemblePrediction:
     """Predict every axial slice of a CT volume with one network or an ensemble (module docstring).
 
@@ -147,6 +156,11 @@ def predict_ensemble(
         uncertainty: also return the sd over members and flips.
         votes: also return the per-member bit field at ``threshold``.
         threshold: the members' threshold for ``votes`` (strictly greater), in [0, 1].
+        compile: ``torch.compile`` each ``nn.Module`` member (in place) before the first batch, as
+            :func:`hepaseg.inference.predict_volume` does (a short last batch is zero-padded to the
+            full batch so that it reuses the compiled graph; the padding's outputs are dropped).
+        timings: if given, ``timings["first_batch"]`` is set to the seconds of the first batch
+            (with ``compile`` the compilation is in it).
 
     Returns:
         :class:`EnsemblePrediction`.
@@ -178,7 +192,10 @@ def predict_ensemble(
             member.to(dev)
             if dev.type == "cpu":
                 member.to(memory_format=torch.channels_last)  # oneDNN convolutions are faster in NHWC
+            if compile:
+                member.compile()
     autocast, _ = _autocast(dev, precision, is_torch)
+    pad_to = batch if compile and is_torch else 0
 
     z, h, w = image.shape
     n = len(members)
@@ -189,11 +206,18 @@ def predict_ensemble(
     with bar or contextlib.nullcontext(), torch.inference_mode():
         task = bar.add_task(f"predicting slices ({n} member{'s' if n > 1 else ''})", total=z) if bar else None
         for start in range(0, z, batch):
+            t0 = time.perf_counter()
             centres = np.arange(start, min(start + batch, z))
-            x = preprocess_slices(image, centres, opts).to(dev)  # (n, 2K+1, S, S)
+            x = preprocess_slices(image, centres, opts).to(dev)  # (k, 2K+1, S, S)
+            k = len(centres)
+            if k < pad_to:  # the compiled graph has a fixed batch; the padding's outputs are dropped
+                x = torch.cat([x, x.new_zeros(pad_to - k, *x.shape[1:])])
             if is_torch and dev.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
             out = ensemble_probabilities(members, x, tta=tta, autocast=autocast, with_std=uncertainty)
+            if k < len(x):
+                out = BatchProbabilities(mean=out.mean[:k], members=out.members[:k],
+                                         std=None if out.std is None else out.std[:k])
             probability[centres] = resize_slices(out.mean, (h, w)).clamp_(0.0, 1.0).cpu().numpy()
             if spread is not None:
                 spread[centres] = resize_slices(out.std, (h, w)).clamp_(0.0, 0.5).cpu().numpy()
@@ -203,4 +227,6 @@ def predict_ensemble(
                     bits[centres] |= (each[:, m] > float(threshold)).astype(bits.dtype) << bits.dtype.type(m)
             if bar:
                 bar.advance(task, len(centres))
+            if timings is not None and start == 0:
+                timings["first_batch"] = time.perf_counter() - t0
     return EnsemblePrediction(probability=probability, n_members=n, tta=bool(tta), uncertainty=spread, votes=bits)

@@ -346,6 +346,7 @@ def predict_case(
     output_format: str = "nifti",
     dicom: DicomOptions | None = None,
     models: LoadedModels | None = None,
+    compile: bool = False,
 ) -> PredictResult:
     """Predict the liver tumours of one CT case and write the results folder (see module docstring).
 
@@ -379,6 +380,8 @@ def predict_case(
         dicom: series choice and SEG labels of a DICOM input (``--series``, ``--seg``, ``--seg-labels``).
         models: networks already loaded by :func:`load_models` (batch prediction; one model or an
             ensemble); then ``checkpoint``/``onnx_model``/``liver_checkpoint`` are not read again.
+        compile: ``torch.compile`` the torch network(s) first (:func:`predict_volume`); the
+            first batch pays the compilation, ``timings["first_batch"]`` says how long it took.
 
     Returns:
         :class:`PredictResult`.
@@ -443,6 +446,7 @@ def predict_case(
         found = predict_ensemble(
             members, volume, data_options, batch=batch, tta=tta, threshold=threshold, device=device,
             precision=precision, progress=progress, uncertainty=spread, votes=len(members) > 1,
+            compile=compile, timings=timings,
         )
         raw_tumor = found.mask(threshold)  # (z, y, x) uint8 {0, 1}
         probability, uncertainty, votes = found.probability, found.uncertainty, found.votes
@@ -452,6 +456,7 @@ def predict_case(
         cascade = predict_cascade(
             liver_loaded.models, liver_loaded.data_options, members, data_options, volume, batch=batch, tta=tta,
             threshold=threshold, device=device, precision=precision, progress=progress, details=True,
+            compile=compile,
         )
         raw_tumor = cascade.tumor
         probability, uncertainty, votes = cascade.tumor_probability, cascade.tumor_uncertainty, cascade.tumor_votes

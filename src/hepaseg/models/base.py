@@ -8,6 +8,8 @@ the logits back, so every model accepts any ``H, W`` (512 x 512 and odd sizes).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,6 +41,13 @@ class SegmentationModel(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def architecture_options(self) -> dict[str, Any]:
+        """Resolved architecture options (defaults filled in, JSON-ready) that a checkpoint records.
+
+        Networks without options return ``{}``; see :meth:`hepaseg.models.mfcnet.MFCNet.architecture_options`.
+        """
+        return {}
 
     def check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:

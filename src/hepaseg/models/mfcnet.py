@@ -1,41 +1,50 @@
-"""MFCNet (Pang, Zhang, Gu et al., "Correlation Matters: Multi-scale Fine-grained Contextual
-Information Extraction for Hepatic Tumor Segmentation", PAKDD 2020).
+"""MFCNet (Pang et al., "Correlation Matters: Multi-scale Fine-grained Contextual Information
+Extraction for Hepatic Tumor Segmentation", PAKDD 2020), as far as its slides describe it.
 
 Defining module: the *context aggregation block* (CAB, :mod:`hepaseg.models.context`),
 a spatial plus a channel self-attention without value projection, applied to the encoder
-features of a U-Net at several scales before the decoder sees them.
+features of a U-Net at several scales ("multi-scale fine-grained contextual information").
 
-Architecture: the five-level :class:`~hepaseg.models.unet.UNet` (widths ``w .. 16w``,
-DoubleConv units, max-pool down, transposed-conv up). For each level ``l`` in
-``context_stages`` the encoder feature ``E_l`` is replaced by ``CAB_l(E_l)`` on its way to
-the decoder: as the skip connection for ``l <= 4``, as the bottleneck input for ``l = 5``.
+Architecture (ours): the five-level :class:`~hepaseg.models.unet.UNet` (widths ``w .. 16w``,
+DoubleConv units, max-pool down, transposed-conv up) with one block at each level ``l`` in
+``context_stages``.
 
-What the paper leaves open and what we chose:
+What the slides leave open and what we chose (every item is our choice, not the slides'):
 
-* **Where the blocks sit.** The paper's slides show the block on a ResNet "C3" map of
-  ``28 x 28 x 256`` for a ``224 x 224`` input, i.e. at 1/8 resolution (``N = 784``). In our
-  U-Net level ``l`` has resolution ``1 / 2**(l-1)``: level 4 is the 1/8 map (``8w``
-  channels), level 3 the 1/4, level 5 the 1/16 bottleneck. "Multi-scale" means several
-  levels; the default ``context_stages=(3, 4, 5)`` puts one block at 1/4, 1/8 and 1/16.
-  Levels 1-2 are left out: at a 512 x 512 slice they give ``N = 262144`` / ``65536``
-  positions, where even an ``O(N)``-memory kernel costs ``N**2 C`` time, and their
-  ``w``/``2w`` channels carry little semantics. Level 3 at 512 x 512 (``N = 16384``)
-  is affordable only because the ``"sdpa"`` path never materialises the
-  1 GiB-per-sample ``N x N`` matrix.
-* **Where the fused features go.** Only to the decoder: the encoder keeps computing
-  from the raw features, so MFCNet's encoder is exactly U-Net's and the blocks at
-  different scales work in parallel rather than feeding each other.
-* **Reduction ratio** ``r = 8`` of the query/key width (``reduction`` option), ``f`` =
-  identity (``qk_activation`` option), ``F = X`` (no value projection), no ``1/sqrt(d)``
-  temperature, float32 channel energies: see :mod:`hepaseg.models.context`.
+* **Which levels.** The slides show the block on a ``28 x 28 x 256`` feature map and name
+  neither the backbone nor the input size. In this U-Net level ``l`` has resolution
+  ``1 / 2**(l-1)`` and ``w * 2**(l-1)`` channels, so a ``28 x 28 x 256`` map is level 3 at
+  width 64 for a 112 px input, or level 4 at width 32 for a 224 px input. "Multi-scale" means
+  several levels; the default ``context_stages=(3, 4, 5)`` puts one block at 1/4, 1/8 and
+  1/16 resolution. Levels 1-2 are left out: at a 512 x 512 slice they give ``N = 262144`` /
+  ``65536`` positions, where even an ``O(N)``-memory kernel costs ``N**2 C`` time, and their
+  ``w``/``2w`` channels carry little semantics.
+* **Where the refined features go** (``placement``). The slides do not say. ``"skip"``
+  (default, the only form before the option existed): the blocks' outputs feed only the
+  decoder -- the skip connections of levels ``l <= 4`` and the bottleneck input for
+  ``l = 5`` -- and the encoder keeps computing from the raw features, so MFCNet's encoder is
+  exactly U-Net's and the blocks at different scales work in parallel. ``"inline"``: level
+  ``l + 1`` is computed from the refined level ``l``, so deeper blocks see refined features.
+  Which trains better has not been measured yet; the default stays until it is.
+* **Channel extractor** (``channel_form``): ``"danet"`` (default) or the slides' literal
+  ``X' = F M`` (``"slides"``); the two differ (:mod:`hepaseg.models.context`).
+* **f** in ``Q = f(w1 X + b1)`` (``qk_activation``): the slides name it without defining it;
+  identity by default, ``"relu"`` as the alternative.
+* **Reduction ratio** ``r = 8`` of the query/key width (``reduction``), ``F = X`` (no value
+  projection), no ``1/sqrt(d)`` temperature, float32 channel energies: see
+  :mod:`hepaseg.models.context`.
 * **Initial state.** ``alpha = beta = 0``, so a fresh block returns ``2 E_l`` (the
-  paper's sum ``X^s + X^c`` of two identities). Every consumer of a block output is a
+  slides' sum ``X^s + X^c`` of two identities). Every consumer of a block output is a
   convolution followed by BatchNorm (the decoder's DoubleConv after the concatenation;
-  for level 5 the transposed conv then DoubleConv), so the factor 2 only changes the
-  initial balance between skip and upsampled features in the first decoder conv; we keep
-  the paper's formula rather than halving it.
+  for level 5 the transposed conv then DoubleConv; with ``"inline"`` also the next encoder
+  level), so the factor 2 only changes the initial balance between skip and upsampled
+  features in the first decoder conv; we keep the slides' formula rather than halving it.
 * **Parameters.** Each block adds ``2 C^2/r + C/r + 2``; with the default stages the
   network has about 1.1 % more parameters than U-Net at the same width.
+
+The resolved architecture options (every default filled in) are what a checkpoint
+records (:meth:`MFCNet.architecture_options`), so a later change of a default does not
+change what an old checkpoint rebuilds.
 
 Interpretability (used by ``hepaseg explain`` to draw the paper's Fig. 1)::
 
@@ -59,14 +68,22 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
-from hepaseg.models.context import AttentionImpl, ContextAggregation, ContextRecord, QKActivation
+from hepaseg.models.context import (
+    CHANNEL_FORMS,
+    AttentionImpl,
+    ChannelForm,
+    ContextAggregation,
+    ContextRecord,
+    QKActivation,
+)
 from hepaseg.models.registry import register_model
 
-__all__ = ["MFCNet", "mfcnet", "ContextRecord", "DEFAULT_CONTEXT_STAGES"]
+__all__ = ["MFCNet", "mfcnet", "ContextRecord", "DEFAULT_CONTEXT_STAGES", "PLACEMENTS"]
 
 
 # The factory comes first, before ``unet`` is imported (which registers ``unet``), so that
@@ -76,7 +93,8 @@ __all__ = ["MFCNet", "mfcnet", "ContextRecord", "DEFAULT_CONTEXT_STAGES"]
     module="context aggregation blocks (spatial + channel self-attention, no value projection) at 1/4-1/16",
 )
 def mfcnet(*, in_channels: int = 1, num_classes: int = 1, base_width: int = 64, **options) -> MFCNet:
-    """MFCNet; options ``context_stages``, ``reduction``, ``qk_activation``, ``attention_impl``.
+    """MFCNet; options ``context_stages``, ``placement``, ``channel_form``, ``reduction``,
+    ``qk_activation``, ``attention_impl``.
 
     See :class:`MFCNet` for their meaning and defaults.
     """
@@ -86,6 +104,8 @@ def mfcnet(*, in_channels: int = 1, num_classes: int = 1, base_width: int = 64, 
 from hepaseg.models.unet import NUM_LEVELS, UNet  # noqa: E402  (see the comment above mfcnet)
 
 DEFAULT_CONTEXT_STAGES = (3, 4, 5)
+PLACEMENTS = ("skip", "inline")
+Placement = Literal["skip", "inline"]
 
 
 @dataclass
@@ -130,10 +150,13 @@ class MFCNet(UNet):
         base_width: channels ``w`` of level 1 (default 64); level ``l`` has ``w * 2**(l-1)``.
         context_stages: encoder levels (1..5) that get a block (default ``(3, 4, 5)``,
             i.e. 1/4, 1/8 and 1/16 resolution); ``()`` gives a plain U-Net (ablation).
+        placement: ``"skip"`` (default: block outputs feed only the decoder, the encoder
+            runs on raw features) or ``"inline"`` (deeper encoder levels consume them too).
+        channel_form: ``"danet"`` (default, ``X' = F A^T``) or ``"slides"`` (``X' = F A``).
         reduction: query/key reduction ratio ``r`` of the spatial extractor (default 8).
         qk_activation: ``f`` on queries and keys: ``"identity"`` (default) or ``"relu"``.
-        attention_impl: ``"sdpa"`` (default, ``O(N)`` memory) or ``"naive"`` (explicit ``N x N``
-            reference); same outputs.
+        attention_impl: ``"auto"`` (default), ``"chunked"``, ``"sdpa"`` or ``"naive"``
+            (:mod:`hepaseg.models.context`); same outputs, different speed and memory.
 
     Input ``(N, in_channels, H, W)`` of any ``H, W`` (padded to a multiple of 16);
     output raw logits ``(N, num_classes, H, W)``.
@@ -152,27 +175,51 @@ class MFCNet(UNet):
         num_classes: int = 1,
         base_width: int = 64,
         context_stages: Sequence[int] = DEFAULT_CONTEXT_STAGES,
+        placement: Placement = "skip",
+        channel_form: ChannelForm = "danet",
         reduction: int = 8,
         qk_activation: QKActivation = "identity",
-        attention_impl: AttentionImpl = "sdpa",
+        attention_impl: AttentionImpl = "auto",
     ) -> None:
         super().__init__(in_channels=in_channels, num_classes=num_classes, base_width=base_width)
         self.context_stages = _check_stages(context_stages)
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(map(repr, PLACEMENTS))}, got {placement!r}")
+        if channel_form not in CHANNEL_FORMS:
+            raise ValueError(
+                f"channel_form must be one of {', '.join(map(repr, CHANNEL_FORMS))}, got {channel_form!r}"
+            )
+        self.placement = placement
         self.context = nn.ModuleDict(
             {
                 str(stage): ContextAggregation(
                     self.widths[stage - 1],
                     reduction=reduction,
                     qk_activation=qk_activation,
+                    channel_form=channel_form,
                     attention_impl=attention_impl,
                 )
                 for stage in self.context_stages
             }
         )
+        # Everything that shapes the weights or the maths (not attention_impl, which only
+        # changes speed and memory): what a checkpoint records, so that a later change of a
+        # default cannot change what an old checkpoint rebuilds.
+        self._architecture = {
+            "context_stages": list(self.context_stages),
+            "placement": placement,
+            "channel_form": channel_form,
+            "reduction": reduction,
+            "qk_activation": qk_activation,
+        }
         self._capture: _Capture | None = None
 
+    def architecture_options(self) -> dict[str, Any]:
+        """The resolved architecture options (defaults filled in), JSON-ready."""
+        return dict(self._architecture)
+
     def set_attention_impl(self, attention_impl: AttentionImpl) -> None:
-        """Switch every block between ``"sdpa"`` and ``"naive"`` (weights unchanged)."""
+        """Switch every block between ``"auto"``, ``"chunked"``, ``"sdpa"`` and ``"naive"`` (weights unchanged)."""
         for block in self.context.values():
             block.attention_impl = attention_impl
 
@@ -212,14 +259,26 @@ class MFCNet(UNet):
         return super().forward(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.encode(x)
-        for stage in self.context_stages:
-            block = self.context[str(stage)]
-            if self._capture is None:
-                features[stage - 1] = block(features[stage - 1])
-            else:
-                features[stage - 1] = self._run_captured(stage, block, features[stage - 1])
+        if self.placement == "skip":
+            # The encoder runs on raw features; the blocks refine its outputs for the decoder.
+            features = self.encode(x)
+            for stage in self.context_stages:
+                features[stage - 1] = self._refine(stage, features[stage - 1])
+        else:
+            # Inline: level l + 1 is computed from the refined level l.
+            features = []
+            for stage, down in enumerate(self.encoder, start=1):
+                x = down(x)
+                if stage in self.context_stages:
+                    x = self._refine(stage, x)
+                features.append(x)
         return self.decode(features)
+
+    def _refine(self, stage: int, feature: torch.Tensor) -> torch.Tensor:
+        block = self.context[str(stage)]
+        if self._capture is None:
+            return block(feature)
+        return self._run_captured(stage, block, feature)
 
     def _run_captured(self, stage: int, block: ContextAggregation, feature: torch.Tensor) -> torch.Tensor:
         capture = self._capture

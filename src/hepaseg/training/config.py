@@ -75,6 +75,8 @@ class TrainConfig:
     channels_last: bool | None = None  # NHWC memory format; None: on for CPU bf16-mixed (faster oneDNN)
     seed: int = 0  # seeds python/numpy/torch and the DataLoader workers
     deterministic: bool = True  # deterministic algorithms (CPU runs repeat bit for bit)
+    compile: bool = False  # torch.compile the network; the first step pays the compilation (result.json says
+    # how long as first_step_seconds against median_step_seconds)
 
     # --- scale-out (passed to the Lightning Trainer) ---------------------------------------
     accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps

@@ -63,6 +63,8 @@ class SegmentationModule(L.LightningModule):
         warmup_fraction: share of all optimizer steps in linear warm-up.
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         channels_last: run the network in NHWC memory format.
+        compile: compile the network's forward with ``torch.compile`` (in place, so its
+            parameters and state-dict keys stay those of ``net``).
         meta: plain dict (model, model_options, in_channels, num_classes,
             base_width, data_options, config) copied into ``checkpoint["hepaseg"]``.
 
@@ -81,12 +83,15 @@ class SegmentationModule(L.LightningModule):
         warmup_fraction: float = 0.05,
         min_lr_ratio: float = 0.0,
         channels_last: bool = False,
+        compile: bool = False,
         meta: dict | None = None,
     ) -> None:
         super().__init__()
         # Only plain values land in the checkpoint, so it loads with weights_only=True.
         self.save_hyperparameters(ignore=["net", "loss"])
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        if compile:
+            self.net.compile()  # nn.Module.compile: compiled lazily at the first call, in place
         self.loss = loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -104,6 +105,9 @@ class TrainResult:
     steps_per_second: float | None = None  # optimizer steps of this invocation / its epoch seconds (val included)
     peak_gpu_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated of this process (rank 0 on DDP)
     warnings: list[str] = field(default_factory=list)  # e.g. trained without validation
+    first_step_seconds: float | None = None  # the first training step of this invocation (with --compile: the
+    # compilation of forward and backward, the first-call cost, is in it)
+    median_step_seconds: float | None = None  # median of the other training steps (data loading excluded)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -262,12 +266,23 @@ def _sigterm_sets(event: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _check_resume_matches(path: Path, config: TrainConfig) -> dict[str, Any]:
+def _resolved_model_options(net: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` with every architecture default of ``net`` filled in (what checkpoints record)."""
+    defaults = net.architecture_options() if hasattr(net, "architecture_options") else {}
+    return {**defaults, **given}
+
+
+def _check_resume_matches(path: Path, config: TrainConfig, net: Any) -> dict[str, Any]:
     meta = read_checkpoint(path)["hepaseg"]
-    for key, now in (("model", config.model), ("base_width", config.width), ("model_options", config.model_options)):
-        if meta.get(key) != now:
+    options = _resolved_model_options(net, config.model_options)
+    if meta.get("model_options") == config.model_options:
+        options = config.model_options  # a checkpoint from before options were recorded resolved
+    for key, then, now in (("model", meta.get("model"), config.model),
+                           ("base_width", meta.get("base_width"), config.width),
+                           ("model_options", meta.get("model_options"), options)):
+        if then != now:
             raise HepasegError(
-                f"{path}: --resume with a different {key}: expected {meta.get(key)!r} "
+                f"{path}: --resume with a different {key}: expected {then!r} "
                 f"(the checkpoint's), got {now!r}. Resume with the same model options"
             )
     return meta
@@ -348,13 +363,24 @@ def _validation_warnings(config: TrainConfig, datamodule: SliceDataModule) -> li
 
 
 class _EpochTimer(Callback):
-    """Wall time of each training epoch (train + validation) and the steps of this invocation."""
+    """Wall time of each training epoch (train + validation), of each training step, and the steps of this
+    invocation."""
 
     def __init__(self, *, validates: bool = True) -> None:
         self.durations: list[float] = []
+        self.step_seconds: list[float] = []  # each training batch: forward, backward and optimizer step
         self._start = 0.0
+        self._step_start = 0.0
         self.first_step: int | None = None  # global_step when this invocation started (resume: > 0)
         self.validates = validates  # without validation, an epoch ends at on_train_epoch_end
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.step_seconds.append(time.perf_counter() - self._step_start)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.first_step = int(trainer.global_step)
@@ -419,14 +445,14 @@ def _fit(config: TrainConfig, run: Path, resume_from: Path | None, datamodule: S
          calibration: dict[str, Any] | None, t0: float, run_warnings: list[str]) -> TrainResult:
     """The Lightning part of :func:`train`, in a prepared run directory."""
     if resume_from is not None:
-        meta = _check_resume_matches(resume_from, config)["metrics"]
+        meta = _check_resume_matches(resume_from, config, net)["metrics"]
         rank_zero_info(
             f"hepaseg: resuming {resume_from} (saved after epoch {meta['epoch']}, "
             f"step {meta['step']}); continuing at epoch {meta['epoch'] + 1}"
         )
     meta = {
         "model": config.model,
-        "model_options": dict(config.model_options),
+        "model_options": _resolved_model_options(net, config.model_options),
         "in_channels": datamodule.in_channels,
         "num_classes": 1,
         "base_width": config.width,
@@ -446,6 +472,7 @@ def _fit(config: TrainConfig, run: Path, resume_from: Path | None, datamodule: S
         warmup_fraction=config.warmup_fraction,
         min_lr_ratio=config.min_lr_ratio,
         channels_last=config.channels_last,
+        compile=config.compile,
         meta=meta,
     )
 
@@ -554,6 +581,8 @@ def _fit(config: TrainConfig, run: Path, resume_from: Path | None, datamodule: S
         ),
         peak_gpu_memory_bytes=int(torch.cuda.max_memory_allocated()) if on_gpu else None,
         warnings=run_warnings,
+        first_step_seconds=epoch_timer.step_seconds[0] if epoch_timer.step_seconds else None,
+        median_step_seconds=statistics.median(epoch_timer.step_seconds[1:]) if epoch_timer.step_seconds[1:] else None,
     )
     if trainer.is_global_zero:
         write_json_atomic(run / "result.json", result.to_dict())
