@@ -730,8 +730,14 @@ def compare_command(
     """Train and evaluate several networks under one protocol: Table 1, Wilcoxon tests, Dice box plot."""
     from rich.table import Table
 
-    from hepaseg.evaluation import check_sizes, compare  # imports torch: keep `hepaseg --help` fast
-    from hepaseg.evaluation.compare import compare_collect, compare_plan, compare_run, run_index_from_env
+    from hepaseg.experiments import (  # imports torch: keep `hepaseg --help` fast
+        check_sizes,
+        compare,
+        compare_collect,
+        compare_plan,
+        compare_run,
+        run_index_from_env,
+    )
     from hepaseg.training import parse_key_values
 
     if size_check:
@@ -1070,7 +1076,7 @@ def benchmark_command(
     """Measure parameters, FLOPs, speed and memory of the networks, attention, prepare and predict here."""
     import json
 
-    from hepaseg.inference.benchmark import benchmark_tables, run_benchmark
+    from hepaseg.experiments.benchmark import benchmark_tables, run_benchmark
     from hepaseg.io.atomic import write_json_atomic
     from hepaseg.io.outputs import check_output_file
 
@@ -1172,14 +1178,14 @@ def crossval_command(
     """Leave-one-patient-out training and whole-volume scoring: Dice, lesion detection by size, FP rates."""
     from rich.table import Table
 
-    from hepaseg.evaluation.compare import run_index_from_env
-    from hepaseg.inference.crossval import (  # imports torch: keep `hepaseg --help` fast
+    from hepaseg.experiments.compare import run_index_from_env
+    from hepaseg.experiments.crossval import (  # imports torch: keep `hepaseg --help` fast
         crossval,
         crossval_collect,
         crossval_plan,
         crossval_run,
     )
-    from hepaseg.inference.crossval_scoring import parse_settings, score_crossval
+    from hepaseg.experiments.crossval_scoring import parse_settings, score_crossval
     from hepaseg.training import parse_key_values
 
     settings = parse_settings(postprocess or [], cascade=cascade)  # bad settings fail before any training
@@ -1264,8 +1270,8 @@ def demo_command(
     explain, and write a self-contained OUT/report.html."""
     from rich.table import Table
 
-    from hepaseg.demo import run_demo  # imports torch: keep `hepaseg --help` fast
     from hepaseg.evaluation import TABLE1_COLUMNS
+    from hepaseg.experiments.demo import run_demo  # imports torch: keep `hepaseg --help` fast
 
     result = run_demo(
         out, minutes=minutes, sample_dir=sample_dir, size=size, width=width, progress=progress, console=console

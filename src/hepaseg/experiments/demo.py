@@ -81,7 +81,7 @@ Z_SPLIT_WARNING = (
     "a single-patient z-split, not a patient-level evaluation. Neighbouring slices of one patient are strongly "
     "correlated, so these scores are optimistic and say nothing about performance on new patients."
 )
-_REPO_ROOT = Path(__file__).resolve().parents[2]  # src/hepaseg/demo.py -> the checkout (editable installs)
+_REPO_ROOT = Path(__file__).resolve().parents[3]  # src/hepaseg/experiments/demo.py -> the checkout (editable installs)
 
 
 @dataclass
@@ -509,7 +509,7 @@ def run_demo(
             _cmd(
                 "python",
                 "-c",
-                f"from hepaseg.demo import write_z_block; "
+                f"from hepaseg.experiments.demo import write_z_block; "
                 f"write_z_block({json.dumps(str(volume_file))}, {json.dumps(str(out / 'heldout'))}, {z0}, {z1})",
             ),
         )
