@@ -249,6 +249,360 @@ def _cmd(*parts: object) -> str:
     return shlex.join(str(p) for p in parts)
 
 
+@dataclass
+class _Settings:
+    """The options of one :func:`run_demo` call that its steps share."""
+
+    out: Path
+    source: Path | None  # the offline LiTS-117 copy (None: download)
+    minutes: float
+    size: int
+    width: int
+    batch_size: int
+    lr: float
+    seed: int
+    progress: bool
+
+
+@dataclass
+class _Log:
+    """The demo's running record: where it prints, each step's seconds and the commands that reproduce it."""
+
+    console: Console
+    timings: dict[str, float] = field(default_factory=dict)  # in step order (the report lists them so)
+    commands: list[tuple[str, str]] = field(default_factory=list)
+
+    def step(self, name: str) -> None:
+        self.console.rule(f"[bold]demo: {name}")
+
+
+@dataclass
+class _ZSplit:
+    """The prepared demo z-split: where it is and how many slices each block holds."""
+
+    volume_file: Path  # the sample's volume-117.nii.gz
+    prepared: Path
+    n_train: int
+    n_val: int
+    test_z: list[int]  # original z of the test block's kept slices
+
+
+@dataclass
+class _Trained:
+    """One network's training step: its run, the checkpoint used from here on, its precision."""
+
+    run: Any  # hepaseg.training.TrainResult
+    checkpoint: Path  # best.ckpt, or last.ckpt when no validation finished
+    precision: str
+
+
+@dataclass
+class _Evaluated:
+    """One network's evaluation on the test z-block."""
+
+    summary: dict[str, Any]  # summarize_slices() of the test slices
+    rows: list[dict[str, Any]]  # per-slice metric rows
+    ms_per_slice: float
+    params: int
+
+
+@dataclass
+class _HeldOut:
+    """The held-out test block as its own volume, and its whole-volume prediction."""
+
+    volume: Path  # heldout/volume-117.nii.gz
+    z0: int  # first original slice of the block
+    z1: int  # one past its last
+    chosen: str  # the network with the best validation Dice
+    prediction: Any  # hepaseg.inference.PredictResult
+
+
+def _check_options(*, minutes: float, size: int, width: int, batch_size: int) -> None:
+    for option, value, ok, expected in (
+        ("--minutes", minutes, isinstance(minutes, (int, float)) and minutes > 0, "a positive number"),
+        ("size", size, isinstance(size, int) and size >= 16, "an integer >= 16"),
+        ("width", width, isinstance(width, int) and width > 0, "a positive integer"),
+        ("batch_size", batch_size, isinstance(batch_size, int) and batch_size > 0, "a positive integer"),
+    ):
+        if not ok:
+            raise HepasegError(f"{option}: invalid value: expected {expected}, got {value!r}.")
+
+
+def _claim(out: Path, sample_dir: str | os.PathLike | None) -> Path | None:
+    """Check ``out`` and the sample folder, then claim ``out``; return the sample source (None: download)."""
+    source = Path(sample_dir) if sample_dir is not None else default_sample_source()
+    _check_out_dir(out, source)  # before anything else, so a wrong --out is the error the user sees
+    if sample_dir is not None and not (source / "img_117.mrc").is_file():
+        raise HepasegError(
+            f"{source}: --sample-dir has no img_117.mrc: expected the folder holding img_117.mrc and lab_117.mrc."
+        )
+    _claim_out_dir(out, source)
+    return source
+
+
+def _fetch_sample(log: _Log, s: _Settings) -> Path:
+    """Step 1: the LiTS-117 sample as LiTS-layout NIfTI; returns its volume file."""
+    from hepaseg.data.sample import fetch_lits117
+
+    log.step("LiTS-117 sample")
+    t0 = time.perf_counter()
+    sample = fetch_lits117(s.out / "sample", from_dir=s.source)
+    log.timings["sample"] = time.perf_counter() - t0
+    from_dir = ("--from-dir", s.source) if s.source is not None else ()
+    log.commands.append(("sample", _cmd("hepaseg", "sample", "lits117", "--dest", sample, *from_dir)))
+    return sample / "volume-117.nii.gz"
+
+
+def _prepare_z_split(log: _Log, s: _Settings, volume_file: Path) -> _ZSplit:
+    """Step 2: prepare the tumour slices with the demo z-split (train / val / test blocks along z)."""
+    from hepaseg.data.prepare import prepare
+
+    log.step("prepare (demo z-split)")
+    log.console.print(f"[yellow]demo split:[/] {Z_SPLIT_WARNING}", highlight=False)
+    t0 = time.perf_counter()
+    prepared = s.out / "prepared"
+    manifest = prepare(
+        [volume_file],
+        prepared,
+        size=s.size,
+        slices="tumor",
+        z_split={"fractions": list(DEMO_Z_SPLIT), "gap": None},
+        progress=s.progress,
+        console=log.console,
+    )
+    log.timings["prepare"] = time.perf_counter() - t0
+    z_text = ",".join(f"{f:g}" for f in DEMO_Z_SPLIT)
+    log.commands.append(("prepare", _cmd("hepaseg", "prepare", volume_file, "--out", prepared, "--size", s.size,
+                                         "--slices", "tumor", "--z-split", z_text)))
+    blocks = {c["split"]: c for c in manifest["cases"]}
+    split = _ZSplit(volume_file, prepared, n_train=blocks["train"]["n_slices"], n_val=blocks["val"]["n_slices"],
+                    test_z=blocks["test"]["kept_slices"])
+    if not split.test_z or not split.n_val:
+        raise HepasegError(
+            f"{volume_file}: the demo z-split left no test or validation slices: expected "
+            "a volume with tumour along z (the LiTS-117 sample has it in every slice)."
+        )
+    return split
+
+
+def _train_in_budget(log: _Log, s: _Settings, split: _ZSplit, model: str) -> _Trained:
+    """Step 3 (per network): time a training step, choose the epochs that fit the budget, train."""
+    from hepaseg.training import TrainConfig, train
+    from hepaseg.training.train import resolve_config
+
+    train_minutes = TRAIN_SHARE * float(s.minutes)
+    log.step(f"train {model} ({train_minutes:.2f} min)")
+    t0 = time.perf_counter()
+    config = resolve_config(TrainConfig(data=str(split.prepared), model=model, out=str(s.out / "runs" / model),
+                                        width=s.width, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
+                                        progress_bar=s.progress))
+    # The share covers the whole step: the probe and Lightning's start-up (~5 s) come out of it.
+    step_s = _time_training_step(model, size=s.size, width=s.width, batch_size=s.batch_size,
+                                 precision=str(config.precision), channels_last=bool(config.channels_last),
+                                 max_seconds=0.1 * train_minutes * 60)
+    fit_s = max(0.25 * train_minutes * 60, train_minutes * 60 - (time.perf_counter() - t0) - 5.0)
+    epochs = _epochs_for_budget(step_s, n_train=split.n_train, n_val=split.n_val, batch_size=s.batch_size,
+                                budget_s=fit_s)
+    config.max_minutes = round(fit_s / 60, 3)
+    log.console.print(f"{model}: {step_s:.2f} s per training step measured -> --max-epochs {epochs}, "
+                      f"--max-minutes {config.max_minutes:g}", highlight=False)
+    config.max_epochs = epochs
+    result = train(config)
+    log.timings[f"train {model}"] = time.perf_counter() - t0
+    # A budget smaller than one epoch leaves no validated best.ckpt: fall back to last.ckpt.
+    checkpoint = result.best_checkpoint or result.last_checkpoint
+    if checkpoint is None:
+        raise HepasegError(
+            f"--minutes {s.minutes}: too short: {model} wrote no checkpoint in "
+            f"{train_minutes:.2f} min. Give the demo more minutes."
+        )
+    log.commands.append((f"train {model}", _cmd(
+        "hepaseg", "train", "--data", split.prepared, "--model", model, "--out", config.out, "--width", s.width,
+        "--batch-size", s.batch_size, "--lr", f"{s.lr:g}", "--max-epochs", epochs, "--max-minutes",
+        f"{config.max_minutes:g}", "--precision", config.precision, "--seed", s.seed,
+    )))
+    return _Trained(run=result, checkpoint=checkpoint, precision=str(config.precision))
+
+
+def _evaluate_test_block(log: _Log, s: _Settings, split: _ZSplit, model: str, checkpoint: Path) -> _Evaluated:
+    """Step 4 (per network): Table-1 metrics on the test z-block, parameters and ms per slice."""
+    from hepaseg.evaluation.evaluate import evaluate_checkpoint
+    from hepaseg.training import load_checkpoint
+
+    log.step(f"evaluate {model}")
+    t0 = time.perf_counter()
+    eval_dir = s.out / "eval" / model
+    ev = evaluate_checkpoint(checkpoint, split.prepared, split="test", out=eval_dir)
+    log.timings[f"evaluate {model}"] = time.perf_counter() - t0
+    params = int(sum(p.numel() for p in load_checkpoint(checkpoint).model.parameters() if p.requires_grad))
+    log.commands.append((f"evaluate {model}", _cmd("hepaseg", "evaluate", "--checkpoint", checkpoint, "--data",
+                                                   split.prepared, "--split", "test", "--out", eval_dir)))
+    log.console.print(
+        f"{model}: test Dice {100 * ev.summary['dice']:.2f} % over {ev.summary['n_slices']} slices", highlight=False
+    )
+    return _Evaluated(summary=dict(ev.summary), rows=ev.rows, ms_per_slice=float(ev.timings["ms_per_slice"]),
+                      params=params)
+
+
+def _predict_held_out(log: _Log, s: _Settings, split: _ZSplit, trained: dict[str, _Trained]) -> _HeldOut:
+    """Step 5: the test block written as its own volume, predicted by the network with the best val Dice."""
+    from hepaseg.inference import predict_case
+
+    log.step("predict the held-out block")
+    t0 = time.perf_counter()
+    z0, z1 = int(min(split.test_z)), int(max(split.test_z)) + 1
+    heldout = write_z_block(split.volume_file, s.out / "heldout", z0, z1)
+    log.timings["held-out volume"] = time.perf_counter() - t0
+    log.commands.append(("held-out volume", _cmd(
+        "python",
+        "-c",
+        f"from hepaseg.experiments.demo import write_z_block; "
+        f"write_z_block({json.dumps(str(split.volume_file))}, {json.dumps(str(s.out / 'heldout'))}, {z0}, {z1})",
+    )))
+    best_val = {m: trained[m].run.best_val_dice for m in DEMO_MODELS}
+    chosen = max(DEMO_MODELS, key=lambda m: -1.0 if best_val[m] is None else best_val[m])  # ties: mfcnet
+    t0 = time.perf_counter()
+    checkpoint = trained[chosen].checkpoint
+    prediction = predict_case(heldout, s.out / "predict", checkpoint=checkpoint, progress=s.progress)
+    log.timings["predict"] = time.perf_counter() - t0
+    log.commands.append(("predict", _cmd("hepaseg", "predict", heldout, "--checkpoint", checkpoint, "--out",
+                                         s.out / "predict")))
+    return _HeldOut(volume=heldout, z0=z0, z1=z1, chosen=chosen, prediction=prediction)
+
+
+def _explain(log: _Log, s: _Settings, heldout: _HeldOut, checkpoint: Path) -> tuple[Any, int]:
+    """Step 6: MFCNet's context blocks on the held-out slice with the most tumour; (explanation, its z)."""
+    from hepaseg.io import read_volume
+    from hepaseg.viz.explain import explain_slice
+
+    log.step("explain")
+    t0 = time.perf_counter()
+    block = read_volume(heldout.volume, with_label=True)
+    tumour_per_slice = (block.label == 2).reshape(block.shape[0], -1).sum(axis=1)
+    z_local = int(np.argmax(tumour_per_slice))  # the first of the largest, when tied
+    explanation = explain_slice(checkpoint, heldout.volume, z_local, s.out / "explain.png")
+    log.timings["explain"] = time.perf_counter() - t0
+    log.commands.append(("explain", _cmd("hepaseg", "explain", "--checkpoint", checkpoint, "--input", heldout.volume,
+                                         "--slice", z_local, "--out", s.out / "explain.png")))
+    return explanation, z_local
+
+
+def _write_report(log: _Log, s: _Settings, split: _ZSplit, trained: dict[str, _Trained],
+                  evaluated: dict[str, _Evaluated], heldout: _HeldOut, explanation: Any, z_local: int,
+                  t_start: float) -> dict[str, Path]:
+    """Step 7: training curves, Dice per slice and ``report.html``; returns the paths of the outputs."""
+    from hepaseg.viz.curves import plot_slice_dice, plot_training_curves
+    from hepaseg.viz.report import ReportContent, ReportFigure, write_report
+
+    log.step("report")
+    t0 = time.perf_counter()
+    z0, z1, chosen, prediction = heldout.z0, heldout.z1, heldout.chosen, heldout.prediction
+    curves = plot_training_curves({m: trained[m].run.run_dir for m in DEMO_MODELS}, s.out / "curves.png",
+                                  title=f"LiTS-117 demo: {s.size} px, width {s.width}")
+    slice_dice = plot_slice_dice({m: evaluated[m].rows for m in DEMO_MODELS}, s.out / "slice_dice.png",
+                                 title=f"Dice per slice of the test z-block (slices {z0}-{z1 - 1})")
+    table1 = {m: evaluated[m].summary for m in DEMO_MODELS}
+    n_test = int(table1["mfcnet"]["n_slices"])
+    best_val = {m: trained[m].run.best_val_dice for m in DEMO_MODELS}
+    val_text = ", ".join(f"{m} {100 * v:.2f} %" if v is not None else f"{m} none" for m, v in best_val.items())
+    log.timings["curves + report"] = time.perf_counter() - t0  # updated below, after writing
+    log.timings["total"] = time.perf_counter() - t_start
+    content = ReportContent(
+        title="hepaseg demo: MFCNet vs U-Net on LiTS-117",
+        subtitle=f"LiTS training case 117 (128 x 128 x 128 crop, nominal 1 mm voxels), {s.size} px slices, "
+        f"width {s.width}, {s.minutes:g}-minute budget",
+        warning=Z_SPLIT_WARNING,
+        table1=table1,
+        table1_extra={"Params": {m: evaluated[m].params for m in DEMO_MODELS},
+                      "ms/slice": {m: evaluated[m].ms_per_slice for m in DEMO_MODELS}},
+        table1_note=(
+            f"Mean over the {n_test} slices of the test z-block (original slices {z0}-{z1 - 1}) at {s.size} x "
+            f"{s.size} pixels, threshold 0.5; Hausdorff in pixels; F1 is the paper's (harmonic mean of the mean "
+            "precision and the mean recall). ms/slice: fp32 forward time per slice during evaluation. Checkpoints: "
+            "the best validation Dice of each run (last.ckpt when no validation finished)."
+        ),
+        slice_dice=ReportFigure(
+            path=slice_dice,
+            title="Dice per test slice",
+            caption="Per-slice Dice of each network on the test z-block (an empty prediction "
+            "on a slice with tumour scores 0).",
+        ),
+        curves=ReportFigure(
+            path=curves,
+            title="Training curves",
+            caption="Mean training loss and mean per-slice validation Dice per epoch.",
+        ),
+        volume_metrics=prediction.metrics,
+        volume_note=(
+            f"{chosen} (best validation Dice: {val_text}) predicted the held-out test z-block as a volume: "
+            f"slices {z0}-{z1 - 1} of LiTS-117 written as their own NIfTI (heldout/volume-117.nii.gz, same voxels "
+            "and labels, origin moved to the block), so the prediction and its metrics cover only slices no "
+            "network trained on. Distances in mm at the nominal 1 mm spacing of the sample."
+        ),
+        overlay=ReportFigure(
+            path=prediction.paths["overlay"],
+            title="Overlay",
+            caption="Slices of the held-out block with the most predicted tumour: prediction "
+            f"(red) and reference (green) outlines; z counts slices of the block "
+            f"(original z = z + {z0}).",
+        ),
+        lesions=prediction.lesions,
+        explanation=ReportFigure(
+            path=explanation.path,
+            title=f"MFCNet explanation, held-out slice {z_local} (original z {z0 + z_local})",
+            caption="Input with query pixels, ground truth, prediction; context-block features before/after and "
+            "the spatial attention of each query (the paper's Fig. 1). " + " ".join(explanation.notes),
+        ),
+        timings=log.timings,
+        commands=log.commands,
+        details={
+            "case": "lits-117 (LiTS training case 117 = MSD Task03 liver_117)",
+            "sample source": str(s.source) if s.source is not None else "pip download (cached)",
+            "slice size (px)": s.size,
+            "base width": s.width,
+            "batch size": s.batch_size,
+            "learning rate": s.lr,
+            "seed": s.seed,
+            "precision": ", ".join(f"{m} {trained[m].precision}" for m in DEMO_MODELS),
+            "epochs run": ", ".join(f"{m} {trained[m].run.epochs}" for m in DEMO_MODELS),
+            "stopped by the clock": ", ".join(f"{m} {trained[m].run.stopped_by_time}" for m in DEMO_MODELS),
+            "z blocks (train / val / test slices)": f"{split.n_train} / {split.n_val} / {n_test}",
+            "hepaseg": __version__,
+        },
+    )
+    report = write_report(content, s.out / "report.html")
+    log.timings["curves + report"] = time.perf_counter() - t0
+    log.timings["total"] = time.perf_counter() - t_start
+    return {"report": report, "curves": curves, "slice_dice": slice_dice, "explain": explanation.path,
+            **prediction.paths}
+
+
+def _write_demo_json(result: DemoResult) -> None:
+    """Last: ``demo.json``, the report's numbers machine-readable (NaN sds of one slice become null)."""
+    from hepaseg.evaluation.evaluate import json_safe
+
+    write_json_atomic(
+        result.out_dir / "demo.json",
+        json_safe(
+            {
+                "format": "hepaseg-demo/1",
+                "demo_z_split": True,
+                "warning": Z_SPLIT_WARNING,
+                "table1": result.table1,
+                "params": result.params,
+                "ms_per_slice": result.ms_per_slice,
+                "best_val_dice": result.best_val_dice,
+                "chosen_model": result.chosen_model,
+                "volume_metrics": result.volume_metrics,
+                "lesions": result.lesions,
+                "timings": result.timings,
+                "commands": [{"step": s, "command": c} for s, c in result.commands],
+                "paths": {k: str(v) for k, v in result.paths.items()},
+            }
+        ),
+    )
+
+
 def run_demo(
     out: str | os.PathLike = "demo_out",
     *,
@@ -287,388 +641,35 @@ def run_demo(
         HepasegError: bad options, an ``out`` holding other files, a sample that cannot be
             fetched, or any stage's own error.
     """
-    from hepaseg.data.prepare import prepare
-    from hepaseg.data.sample import fetch_lits117
-    from hepaseg.evaluation.evaluate import evaluate_checkpoint, json_safe
-    from hepaseg.inference import predict_case
-    from hepaseg.training import TrainConfig, load_checkpoint, train
-    from hepaseg.training.train import resolve_config
-    from hepaseg.viz.curves import plot_slice_dice, plot_training_curves
-    from hepaseg.viz.explain import explain_slice
-    from hepaseg.viz.report import ReportContent, ReportFigure, write_report
-
-    for option, value, ok, expected in (
-        ("--minutes", minutes, isinstance(minutes, (int, float)) and minutes > 0, "a positive number"),
-        ("size", size, isinstance(size, int) and size >= 16, "an integer >= 16"),
-        ("width", width, isinstance(width, int) and width > 0, "a positive integer"),
-        ("batch_size", batch_size, isinstance(batch_size, int) and batch_size > 0, "a positive integer"),
-    ):
-        if not ok:
-            raise HepasegError(f"{option}: invalid value: expected {expected}, got {value!r}.")
-    console = console or Console()
+    _check_options(minutes=minutes, size=size, width=width, batch_size=batch_size)
     out = Path(out)
-    source = Path(sample_dir) if sample_dir is not None else default_sample_source()
-    _check_out_dir(out, source)  # before anything else, so a wrong --out is the error the user sees
-    if sample_dir is not None and not (source / "img_117.mrc").is_file():
-        raise HepasegError(
-            f"{source}: --sample-dir has no img_117.mrc: expected the folder holding img_117.mrc and lab_117.mrc."
-        )
-    _claim_out_dir(out, source)
+    source = _claim(out, sample_dir)
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    commands: list[tuple[str, str]] = []
+    s = _Settings(out=out, source=source, minutes=minutes, size=size, width=width, batch_size=batch_size, lr=lr,
+                  seed=seed, progress=progress)
+    log = _Log(console or Console())
 
-    def step(name: str) -> None:
-        console.rule(f"[bold]demo: {name}")
+    volume_file = _fetch_sample(log, s)  # 1
+    split = _prepare_z_split(log, s, volume_file)  # 2
+    trained = {model: _train_in_budget(log, s, split, model) for model in DEMO_MODELS}  # 3
+    evaluated = {m: _evaluate_test_block(log, s, split, m, trained[m].checkpoint) for m in DEMO_MODELS}  # 4
+    heldout = _predict_held_out(log, s, split, trained)  # 5
+    explanation, z_local = _explain(log, s, heldout, trained["mfcnet"].checkpoint)  # 6
+    paths = _write_report(log, s, split, trained, evaluated, heldout, explanation, z_local, t_start)  # 7
 
-    # 1. the sample ---------------------------------------------------------------------------
-    step("LiTS-117 sample")
-    t0 = time.perf_counter()
-    sample = fetch_lits117(out / "sample", from_dir=source)
-    timings["sample"] = time.perf_counter() - t0
-    commands.append(
-        (
-            "sample",
-            _cmd(
-                "hepaseg",
-                "sample",
-                "lits117",
-                "--dest",
-                sample,
-                *(("--from-dir", source) if source is not None else ()),
-            ),
-        )
-    )
-    volume_file = sample / "volume-117.nii.gz"
-
-    # 2. prepare with the demo z-split ------------------------------------------------------------
-    step("prepare (demo z-split)")
-    console.print(f"[yellow]demo split:[/] {Z_SPLIT_WARNING}", highlight=False)
-    t0 = time.perf_counter()
-    prepared = out / "prepared"
-    z_text = ",".join(f"{f:g}" for f in DEMO_Z_SPLIT)
-    manifest = prepare(
-        [volume_file],
-        prepared,
-        size=size,
-        slices="tumor",
-        z_split={"fractions": list(DEMO_Z_SPLIT), "gap": None},
-        progress=progress,
-        console=console,
-    )
-    timings["prepare"] = time.perf_counter() - t0
-    commands.append(
-        (
-            "prepare",
-            _cmd(
-                "hepaseg",
-                "prepare",
-                volume_file,
-                "--out",
-                prepared,
-                "--size",
-                size,
-                "--slices",
-                "tumor",
-                "--z-split",
-                z_text,
-            ),
-        )
-    )
-    blocks = {c["split"]: c for c in manifest["cases"]}
-    n_train, n_val = blocks["train"]["n_slices"], blocks["val"]["n_slices"]
-    test_z = blocks["test"]["kept_slices"]
-    if not test_z or not n_val:
-        raise HepasegError(
-            f"{volume_file}: the demo z-split left no test or validation slices: expected "
-            "a volume with tumour along z (the LiTS-117 sample has it in every slice)."
-        )
-
-    # 3. train both networks ----------------------------------------------------------------------
-    train_minutes = TRAIN_SHARE * float(minutes)
-    runs, best_ckpt, best_val, precisions = {}, {}, {}, {}
-    for model in DEMO_MODELS:
-        step(f"train {model} ({train_minutes:.2f} min)")
-        t0 = time.perf_counter()
-        config = resolve_config(
-            TrainConfig(
-                data=str(prepared),
-                model=model,
-                out=str(out / "runs" / model),
-                width=width,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed,
-                progress_bar=progress,
-            )
-        )
-        # The share covers the whole step: the probe and Lightning's start-up (~5 s) come out of it.
-        step_s = _time_training_step(
-            model,
-            size=size,
-            width=width,
-            batch_size=batch_size,
-            precision=str(config.precision),
-            channels_last=bool(config.channels_last),
-            max_seconds=0.1 * train_minutes * 60,
-        )
-        fit_s = max(0.25 * train_minutes * 60, train_minutes * 60 - (time.perf_counter() - t0) - 5.0)
-        epochs = _epochs_for_budget(step_s, n_train=n_train, n_val=n_val, batch_size=batch_size, budget_s=fit_s)
-        config.max_minutes = round(fit_s / 60, 3)
-        console.print(
-            f"{model}: {step_s:.2f} s per training step measured -> --max-epochs {epochs}, "
-            f"--max-minutes {config.max_minutes:g}",
-            highlight=False,
-        )
-        config.max_epochs = epochs
-        precisions[model] = str(config.precision)
-        result = train(config)
-        timings[f"train {model}"] = time.perf_counter() - t0
-        runs[model] = result
-        # A budget smaller than one epoch leaves no validated best.ckpt: fall back to last.ckpt.
-        best_ckpt[model] = result.best_checkpoint or result.last_checkpoint
-        best_val[model] = result.best_val_dice
-        if best_ckpt[model] is None:
-            raise HepasegError(
-                f"--minutes {minutes}: too short: {model} wrote no checkpoint in "
-                f"{train_minutes:.2f} min. Give the demo more minutes."
-            )
-        commands.append(
-            (
-                f"train {model}",
-                _cmd(
-                    "hepaseg",
-                    "train",
-                    "--data",
-                    prepared,
-                    "--model",
-                    model,
-                    "--out",
-                    config.out,
-                    "--width",
-                    width,
-                    "--batch-size",
-                    batch_size,
-                    "--lr",
-                    f"{lr:g}",
-                    "--max-epochs",
-                    epochs,
-                    "--max-minutes",
-                    f"{config.max_minutes:g}",
-                    "--precision",
-                    config.precision,
-                    "--seed",
-                    seed,
-                ),
-            )
-        )
-
-    # 4. evaluate on the test z-block -----------------------------------------------------------
-    table1, params, ms_per_slice, slice_rows = {}, {}, {}, {}
-    for model in DEMO_MODELS:
-        step(f"evaluate {model}")
-        t0 = time.perf_counter()
-        ev = evaluate_checkpoint(best_ckpt[model], prepared, split="test", out=out / "eval" / model)
-        timings[f"evaluate {model}"] = time.perf_counter() - t0
-        table1[model] = dict(ev.summary)
-        slice_rows[model] = ev.rows
-        ms_per_slice[model] = float(ev.timings["ms_per_slice"])
-        params[model] = int(
-            sum(p.numel() for p in load_checkpoint(best_ckpt[model]).model.parameters() if p.requires_grad)
-        )
-        commands.append(
-            (
-                f"evaluate {model}",
-                _cmd(
-                    "hepaseg",
-                    "evaluate",
-                    "--checkpoint",
-                    best_ckpt[model],
-                    "--data",
-                    prepared,
-                    "--split",
-                    "test",
-                    "--out",
-                    out / "eval" / model,
-                ),
-            )
-        )
-        console.print(
-            f"{model}: test Dice {100 * ev.summary['dice']:.2f} % over {ev.summary['n_slices']} slices", highlight=False
-        )
-
-    # 5. the held-out block as a volume, predicted by the network with the best validation Dice ----
-    step("predict the held-out block")
-    t0 = time.perf_counter()
-    z0, z1 = int(min(test_z)), int(max(test_z)) + 1
-    heldout = write_z_block(volume_file, out / "heldout", z0, z1)
-    timings["held-out volume"] = time.perf_counter() - t0
-    commands.append(
-        (
-            "held-out volume",
-            _cmd(
-                "python",
-                "-c",
-                f"from hepaseg.experiments.demo import write_z_block; "
-                f"write_z_block({json.dumps(str(volume_file))}, {json.dumps(str(out / 'heldout'))}, {z0}, {z1})",
-            ),
-        )
-    )
-    chosen = max(DEMO_MODELS, key=lambda m: -1.0 if best_val[m] is None else best_val[m])  # ties: mfcnet
-    t0 = time.perf_counter()
-    prediction = predict_case(heldout, out / "predict", checkpoint=best_ckpt[chosen], progress=progress)
-    timings["predict"] = time.perf_counter() - t0
-    commands.append(
-        ("predict", _cmd("hepaseg", "predict", heldout, "--checkpoint", best_ckpt[chosen], "--out", out / "predict"))
-    )
-
-    # 6. explain MFCNet on the held-out slice with the most tumour -------------------------------
-    step("explain")
-    t0 = time.perf_counter()
-    from hepaseg.io import read_volume
-
-    block = read_volume(heldout, with_label=True)
-    tumour_per_slice = (block.label == 2).reshape(block.shape[0], -1).sum(axis=1)
-    z_local = int(np.argmax(tumour_per_slice))  # the first of the largest, when tied
-    explanation = explain_slice(best_ckpt["mfcnet"], heldout, z_local, out / "explain.png")
-    timings["explain"] = time.perf_counter() - t0
-    commands.append(
-        (
-            "explain",
-            _cmd(
-                "hepaseg",
-                "explain",
-                "--checkpoint",
-                best_ckpt["mfcnet"],
-                "--input",
-                heldout,
-                "--slice",
-                z_local,
-                "--out",
-                out / "explain.png",
-            ),
-        )
-    )
-
-    # 7. curves and report ----------------------------------------------------------------------
-    step("report")
-    t0 = time.perf_counter()
-    curves = plot_training_curves(
-        {m: runs[m].run_dir for m in DEMO_MODELS}, out / "curves.png", title=f"LiTS-117 demo: {size} px, width {width}"
-    )
-    slice_dice = plot_slice_dice(
-        slice_rows, out / "slice_dice.png", title=f"Dice per slice of the test z-block (slices {z0}-{z1 - 1})"
-    )
-    metrics = prediction.metrics
-    lesions = prediction.lesions
-    n_test = int(table1["mfcnet"]["n_slices"])
-    val_text = ", ".join(f"{m} {100 * v:.2f} %" if v is not None else f"{m} none" for m, v in best_val.items())
-    timings["curves + report"] = time.perf_counter() - t0  # updated below, after writing
-    timings["total"] = time.perf_counter() - t_start
-    content = ReportContent(
-        title="hepaseg demo: MFCNet vs U-Net on LiTS-117",
-        subtitle=f"LiTS training case 117 (128 x 128 x 128 crop, nominal 1 mm voxels), {size} px slices, "
-        f"width {width}, {minutes:g}-minute budget",
-        warning=Z_SPLIT_WARNING,
-        table1=table1,
-        table1_extra={"Params": params, "ms/slice": ms_per_slice},
-        table1_note=(
-            f"Mean over the {n_test} slices of the test z-block (original slices {z0}-{z1 - 1}) at {size} x {size} "
-            "pixels, threshold 0.5; Hausdorff in pixels; F1 is the paper's (harmonic mean of the mean precision "
-            "and the mean recall). ms/slice: fp32 forward time per slice during evaluation. Checkpoints: the "
-            "best validation Dice of each run (last.ckpt when no validation finished)."
-        ),
-        slice_dice=ReportFigure(
-            path=slice_dice,
-            title="Dice per test slice",
-            caption="Per-slice Dice of each network on the test z-block (an empty prediction "
-            "on a slice with tumour scores 0).",
-        ),
-        curves=ReportFigure(
-            path=curves,
-            title="Training curves",
-            caption="Mean training loss and mean per-slice validation Dice per epoch.",
-        ),
-        volume_metrics=metrics,
-        volume_note=(
-            f"{chosen} (best validation Dice: {val_text}) predicted the held-out test z-block as a volume: "
-            f"slices {z0}-{z1 - 1} of LiTS-117 written as their own NIfTI (heldout/volume-117.nii.gz, same voxels "
-            "and labels, origin moved to the block), so the prediction and its metrics cover only slices no "
-            "network trained on. Distances in mm at the nominal 1 mm spacing of the sample."
-        ),
-        overlay=ReportFigure(
-            path=prediction.paths["overlay"],
-            title="Overlay",
-            caption="Slices of the held-out block with the most predicted tumour: prediction "
-            f"(red) and reference (green) outlines; z counts slices of the block "
-            f"(original z = z + {z0}).",
-        ),
-        lesions=lesions,
-        explanation=ReportFigure(
-            path=explanation.path,
-            title=f"MFCNet explanation, held-out slice {z_local} (original z {z0 + z_local})",
-            caption="Input with query pixels, ground truth, prediction; context-block features before/after and "
-            "the spatial attention of each query (the paper's Fig. 1). " + " ".join(explanation.notes),
-        ),
-        timings=timings,
-        commands=commands,
-        details={
-            "case": "lits-117 (LiTS training case 117 = MSD Task03 liver_117)",
-            "sample source": str(source) if source is not None else "pip download (cached)",
-            "slice size (px)": size,
-            "base width": width,
-            "batch size": batch_size,
-            "learning rate": lr,
-            "seed": seed,
-            "precision": ", ".join(f"{m} {p}" for m, p in precisions.items()),
-            "epochs run": ", ".join(f"{m} {runs[m].epochs}" for m in DEMO_MODELS),
-            "stopped by the clock": ", ".join(f"{m} {runs[m].stopped_by_time}" for m in DEMO_MODELS),
-            "z blocks (train / val / test slices)": f"{n_train} / {n_val} / {n_test}",
-            "hepaseg": __version__,
-        },
-    )
-    report = write_report(content, out / "report.html")
-    timings["curves + report"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
-    paths = {
-        "report": report,
-        "curves": curves,
-        "slice_dice": slice_dice,
-        "explain": explanation.path,
-        **prediction.paths,
-    }
     result = DemoResult(
         out_dir=out,
-        report=report,
-        table1=table1,
-        params=params,
-        ms_per_slice=ms_per_slice,
-        best_val_dice=best_val,
-        chosen_model=chosen,
-        volume_metrics=metrics,
-        lesions=lesions,
-        timings=timings,
-        commands=commands,
+        report=paths["report"],
+        table1={m: evaluated[m].summary for m in DEMO_MODELS},
+        params={m: evaluated[m].params for m in DEMO_MODELS},
+        ms_per_slice={m: evaluated[m].ms_per_slice for m in DEMO_MODELS},
+        best_val_dice={m: trained[m].run.best_val_dice for m in DEMO_MODELS},
+        chosen_model=heldout.chosen,
+        volume_metrics=heldout.prediction.metrics,
+        lesions=heldout.prediction.lesions,
+        timings=log.timings,
+        commands=log.commands,
         paths=paths,
     )
-    write_json_atomic(
-        out / "demo.json",
-        json_safe(
-            {
-                "format": "hepaseg-demo/1",
-                "demo_z_split": True,
-                "warning": Z_SPLIT_WARNING,
-                "table1": table1,
-                "params": params,
-                "ms_per_slice": ms_per_slice,
-                "best_val_dice": best_val,
-                "chosen_model": chosen,
-                "volume_metrics": metrics,
-                "lesions": lesions,
-                "timings": timings,
-                "commands": [{"step": s, "command": c} for s, c in commands],
-                "paths": {k: str(v) for k, v in paths.items()},
-            }
-        ),
-    )  # last: NaN sds (one slice) become null
+    _write_demo_json(result)
     return result
