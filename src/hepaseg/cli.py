@@ -509,8 +509,6 @@ def train_command(
     progress: ProgressOption = True,
 ) -> None:
     """Train a network on prepared slices; writes best.ckpt (by val_dice) and last.ckpt in OUT."""
-    from rich.table import Table
-
     from hepaseg.training import TrainConfig, parse_key_values, train  # imports torch: keep --help fast
 
     result = train(
@@ -549,6 +547,13 @@ def train_command(
             progress_bar=progress,
         )
     )
+    _print_train_result(result, model, max_minutes)
+
+
+def _print_train_result(result, model: str, max_minutes: float | None) -> None:
+    """`train`: what the run did (val Dice, epochs, speed, checkpoints) and its warnings."""
+    from rich.table import Table
+
     table = Table(title=f"train {model} -> {result.run_dir}")
     table.add_column("")
     table.add_column("value", justify="right")
@@ -613,8 +618,6 @@ def evaluate_command(
     """Score a checkpoint on a prepared split (the paper's Table 1 metrics); --volumes adds 3D metrics in mm."""
     import json
 
-    from rich.table import Table
-
     from hepaseg.evaluation import evaluate_checkpoint  # imports torch: keep `hepaseg --help` fast
     from hepaseg.evaluation.ensemble import resolve_members
 
@@ -654,62 +657,76 @@ def evaluate_command(
         typer.echo(json.dumps(payload, indent=2))
         return
     if result is not None:
-        s = result.summary
-        table = Table(
-            title=f"{result.model_name} on {result.split} ({s['n_slices']} slices, {len(result.per_case)} cases)"
-        )
-        table.add_column("metric")
-        table.add_column("mean", justify="right")
-        table.add_column("sd", justify="right")
-        for key in ("dice", "jaccard", "precision", "recall", "specificity"):
-            table.add_row(f"{key} (%)", f"{100 * s[key]:.2f}", f"{100 * s[key + '_sd']:.2f}")
-        for key in ("hausdorff", "hd95"):
-            table.add_row(f"{key} (px)", f"{s[key]:.2f}", f"{s[key + '_sd']:.2f}")
-        table.add_row("f1 (%) = 2PR/(P+R) of means", f"{100 * s['f1']:.2f}", "")
-        table.add_row("f1_mean_per_slice (%)", f"{100 * s['f1_mean_per_slice']:.2f}", "")
-        table.add_row("ms / slice (forward)", f"{result.timings['ms_per_slice']:.2f}", "")
-        console.print(table)
-        if result.skipped_cases:
-            console.print(f"skipped unlabelled cases: {', '.join(result.skipped_cases)}", highlight=False)
-        if result.demo_z_split:
-            console.print("[yellow]demo z-split:[/] contiguous z blocks of one patient; scores are optimistic.")
-        if result.val_note is not None and result.split == "val":
-            console.print(f"[yellow]note:[/] {result.val_note}", highlight=False, soft_wrap=True)
-        for key, path in result.paths.items():
-            console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
+        _print_slice_evaluation(result)
     if vol is not None:
-        table = Table(title=f"{vol.model_name}: whole volumes (distances in mm)")
-        for col in ("case", "dice", "jaccard", "rvd", "assd", "hd95", "hausdorff"):
-            table.add_column(col, justify="right")
-        for row in vol.rows:
-            table.add_row(
-                row["case"], *(f"{row[k]:.3f}" for k in ("dice", "jaccard", "rvd", "assd", "hd95", "hausdorff"))
-            )
-        console.print(table)
-        v = vol.summary
+        _print_volume_evaluation(vol)
+
+
+def _print_slice_evaluation(result) -> None:
+    """`evaluate --data`: Table-1 metrics of the slices, notes and the files written."""
+    from rich.table import Table
+
+    s = result.summary
+    table = Table(
+        title=f"{result.model_name} on {result.split} ({s['n_slices']} slices, {len(result.per_case)} cases)"
+    )
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    table.add_column("sd", justify="right")
+    for key in ("dice", "jaccard", "precision", "recall", "specificity"):
+        table.add_row(f"{key} (%)", f"{100 * s[key]:.2f}", f"{100 * s[key + '_sd']:.2f}")
+    for key in ("hausdorff", "hd95"):
+        table.add_row(f"{key} (px)", f"{s[key]:.2f}", f"{s[key + '_sd']:.2f}")
+    table.add_row("f1 (%) = 2PR/(P+R) of means", f"{100 * s['f1']:.2f}", "")
+    table.add_row("f1_mean_per_slice (%)", f"{100 * s['f1_mean_per_slice']:.2f}", "")
+    table.add_row("ms / slice (forward)", f"{result.timings['ms_per_slice']:.2f}", "")
+    console.print(table)
+    if result.skipped_cases:
+        console.print(f"skipped unlabelled cases: {', '.join(result.skipped_cases)}", highlight=False)
+    if result.demo_z_split:
+        console.print("[yellow]demo z-split:[/] contiguous z blocks of one patient; scores are optimistic.")
+    if result.val_note is not None and result.split == "val":
+        console.print(f"[yellow]note:[/] {result.val_note}", highlight=False, soft_wrap=True)
+    for key, path in result.paths.items():
+        console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
+
+
+def _print_volume_evaluation(vol) -> None:
+    """`evaluate --volumes`: per-case 3D metrics (mm), pooled Dice, liver stage and burden."""
+    from rich.table import Table
+
+    table = Table(title=f"{vol.model_name}: whole volumes (distances in mm)")
+    for col in ("case", "dice", "jaccard", "rvd", "assd", "hd95", "hausdorff"):
+        table.add_column(col, justify="right")
+    for row in vol.rows:
+        table.add_row(
+            row["case"], *(f"{row[k]:.3f}" for k in ("dice", "jaccard", "rvd", "assd", "hd95", "hausdorff"))
+        )
+    console.print(table)
+    v = vol.summary
+    console.print(
+        f"dice per case {v['dice_per_case']:.4f}, dice global {v['dice_global']:.4f} ({v['n_cases']} cases)",
+        highlight=False,
+    )
+    if "liver" in v:
+        lv = v["liver"]
         console.print(
-            f"dice per case {v['dice_per_case']:.4f}, dice global {v['dice_global']:.4f} ({v['n_cases']} cases)",
+            f"liver stage: dice per case {lv['dice_per_case']:.4f}, dice global {lv['dice_global']:.4f}, "
+            f"assd {lv['assd']:.2f} mm",
             highlight=False,
         )
-        if "liver" in v:
-            lv = v["liver"]
-            console.print(
-                f"liver stage: dice per case {lv['dice_per_case']:.4f}, dice global {lv['dice_global']:.4f}, "
-                f"assd {lv['assd']:.2f} mm",
-                highlight=False,
-            )
-            b = v["burden"]
-            console.print(
-                f"mean liver volume {b['liver_volume_ml']:.1f} mL (reference {b['reference_liver_volume_ml']:.1f}), "
-                f"tumour burden {b['tumor_burden_percent']:.2f} % (reference {b['reference_tumor_burden_percent']:.2f} "
-                "%)",
-                highlight=False,
-            )
-        for row in vol.rows:
-            if row.get("warnings"):
-                console.print(f"[yellow]warning:[/] {row['case']}: {row['warnings']}", highlight=False)
-        for key, path in vol.paths.items():
-            console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
+        b = v["burden"]
+        console.print(
+            f"mean liver volume {b['liver_volume_ml']:.1f} mL (reference {b['reference_liver_volume_ml']:.1f}), "
+            f"tumour burden {b['tumor_burden_percent']:.2f} % (reference {b['reference_tumor_burden_percent']:.2f} "
+            "%)",
+            highlight=False,
+        )
+    for row in vol.rows:
+        if row.get("warnings"):
+            console.print(f"[yellow]warning:[/] {row['case']}: {row['warnings']}", highlight=False)
+    for key, path in vol.paths.items():
+        console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
 
 
 def _cluster_step(plan: bool, run_index: int | None, worker: bool, collect: bool, out: Path, *, plan_fn,
@@ -868,8 +885,6 @@ def predict_command(
 
     A folder of many cases runs them all with the model loaded once: OUT/CASE_ID/... and OUT/summary.csv;
     rerunning the command resumes (finished cases are skipped unless --overwrite)."""
-    from rich.table import Table
-
     from hepaseg.evaluation.ensemble import resolve_members
     from hepaseg.inference import predict_case  # imports torch: keep `hepaseg --help` fast
 
@@ -928,6 +943,12 @@ def predict_command(
             result, Path(out) / "report.html", command=_command_line(ctx),
             checkpoints=[onnx_model] if onnx_model is not None else checkpoints,
             liver_checkpoint=liver_checkpoints or None, uncertainty_label="sd over members and flips")
+    _print_prediction(result)
+
+def _print_prediction(result) -> None:
+    """`predict` of one case: the lesion table, summary, metrics against a label, warnings, files, timings."""
+    from rich.table import Table
+
     members = result.settings.get("n_members", 1)
     table = Table(title=f"{result.case_id}: {len(result.lesions)} lesion(s) ({result.model_name}, {result.engine}"
                         f"{f', {members} members' if members > 1 else ''})")
