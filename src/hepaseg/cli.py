@@ -1210,8 +1210,6 @@ def crossval_command(
     seg_labels: SegLabelsOption = None,
 ) -> None:
     """Leave-one-patient-out training and whole-volume scoring: Dice, lesion detection by size, FP rates."""
-    from rich.table import Table
-
     from hepaseg.experiments.compare import run_index_from_env
     from hepaseg.experiments.crossval import (  # imports torch: keep `hepaseg --help` fast
         crossval,
@@ -1253,6 +1251,25 @@ def crossval_command(
                      run_fn=lambda index: crossval_run(sources, out, run_index=index, **options)):
         return
     result = (crossval_collect if collect else crossval)(sources, out, **options)
+    _print_crossval_table(result)
+    _print_trained_and_written(result)
+    if result.missing:
+        console.print(f"missing (not finished, left out): {', '.join(result.missing)}")
+    if (postprocess or ensemble_seeds or score_tta) and result.missing:
+        console.print("post-processing scoring skipped: it needs every run finished", highlight=False)
+    elif postprocess or ensemble_seeds or score_tta:
+        scored = score_crossval(out, settings, models=result.models, seeds=len(result.seeds),
+                                ensemble=ensemble_seeds, tta=score_tta,
+                                log=lambda line: console.print(line, highlight=False))
+        console.print(f"scored {len(scored.settings)} post-processing setting(s); written to {out}:", highlight=False)
+        for key, path in scored.paths.items():
+            console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
+
+
+def _print_crossval_table(result) -> None:
+    """`crossval`: per model, the means over folds and seeds (Dice, pooled Dice, lesion recall, false positives)."""
+    from rich.table import Table
+
     table = Table(title=f"crossval: {len(result.folds)} folds x {len(result.seeds)} seeds (means)")
     for col in ("model", "dice (%)", "dice global (%)", "recall IoU>0.5 (%)", "recall any (%)", "FP lesions",
                 "FP slice rate (%)"):
@@ -1268,18 +1285,6 @@ def crossval_command(
         table.add_row(name, mean("dice"), f"{100 * sum(pooled) / len(pooled):.2f}", mean("recall_iou"),
                       mean("recall_any"), mean("fp_lesions", 1.0), mean("fp_slice_rate"))
     console.print(table)
-    _print_trained_and_written(result)
-    if result.missing:
-        console.print(f"missing (not finished, left out): {', '.join(result.missing)}")
-    if (postprocess or ensemble_seeds or score_tta) and result.missing:
-        console.print("post-processing scoring skipped: it needs every run finished", highlight=False)
-    elif postprocess or ensemble_seeds or score_tta:
-        scored = score_crossval(out, settings, models=result.models, seeds=len(result.seeds),
-                                ensemble=ensemble_seeds, tta=score_tta,
-                                log=lambda line: console.print(line, highlight=False))
-        console.print(f"scored {len(scored.settings)} post-processing setting(s); written to {out}:", highlight=False)
-        for key, path in scored.paths.items():
-            console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
 
 
 # [cli:inference]
