@@ -8,6 +8,11 @@ runs the whole product on one real CT case (``hepaseg demo``).
 
 They import from every stage below them (io ... inference, viz), so they sit between ``viz`` and
 ``cli``: ``evaluation`` keeps metrics and scoring, ``inference`` keeps prediction.
+
+The package re-exports compare's API (``hepaseg.experiments.compare`` is the function here, as it was in
+``hepaseg.evaluation``), ``run_benchmark`` and ``run_demo``. Crossval is imported from its modules
+(``hepaseg.experiments.crossval``, ``.crossval_scoring``): a re-exported ``crossval`` function would hide
+the module of the same name from ``import hepaseg.experiments.crossval as m``.
 """
 
 from hepaseg.experiments.benchmark import benchmark_tables, run_benchmark
@@ -23,39 +28,20 @@ from hepaseg.experiments.compare import (
     run_index_from_env,
     wilcoxon_vs,
 )
-from hepaseg.experiments.crossval import (
-    CrossvalResult,
-    case_metrics,
-    crossval,
-    crossval_collect,
-    crossval_plan,
-    crossval_run,
-    make_fold_data,
-)
-from hepaseg.experiments.crossval_scoring import parse_settings, score_crossval
 from hepaseg.experiments.demo import run_demo
 
 __all__ = [
     "CompareResult",
-    "CrossvalResult",
     "benchmark_tables",
-    "case_metrics",
     "check_sizes",
     "compare",
     "compare_collect",
     "compare_plan",
     "compare_run",
     "cpu_ms_per_slice",
-    "crossval",
-    "crossval_collect",
-    "crossval_plan",
-    "crossval_run",
-    "make_fold_data",
     "parse_models",
-    "parse_settings",
     "run_benchmark",
     "run_demo",
     "run_index_from_env",
-    "score_crossval",
     "wilcoxon_vs",
 ]
