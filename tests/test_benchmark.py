@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-import hepaseg.inference.benchmark as bench
+import hepaseg.experiments.benchmark as bench
 from hepaseg.cli import app
 from hepaseg.errors import HepasegError
 from hepaseg.models import build_model

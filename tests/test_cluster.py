@@ -18,7 +18,7 @@ import hepaseg
 import hepaseg.training
 from _tiny_data import make_tiny_dataset
 from hepaseg.errors import HepasegError
-from hepaseg.evaluation import compare, compare_collect, compare_plan, compare_run
+from hepaseg.experiments import compare, compare_collect, compare_plan, compare_run
 from hepaseg.io.claims import claim_owner, run_claimed, try_claim
 
 OPTIONS = {"models": "unet,mfcnet", "seeds": 2, "width": 4, "max_epochs": 1,
@@ -49,7 +49,7 @@ def _worker(data: Path, out: Path, run_index: int | None = None) -> subprocess.P
     """A worker process: compare_run on the shared folder; prints its outcome as JSON."""
     code = (
         "import json, sys, torch; torch.set_num_threads(1)\n"
-        "from hepaseg.evaluation import compare_run\n"
+        "from hepaseg.experiments import compare_run\n"
         f"opts = json.loads({json.dumps(json.dumps(OPTIONS))})\n"
         f"print(json.dumps(compare_run({str(data)!r}, {str(out)!r}, run_index={run_index!r}, **opts)))\n"
     )
@@ -118,7 +118,7 @@ def test_collect_names_what_is_missing_and_run_index_runs_one_entry(data, tmp_pa
     with pytest.raises(HepasegError, match="no finished run"):
         compare_collect(data, out, timing_repeats=1, **OPTIONS)
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
-    from hepaseg.evaluation.compare import run_index_from_env
+    from hepaseg.experiments.compare import run_index_from_env
 
     assert run_index_from_env(None) == 2 and run_index_from_env(0) == 0
     assert compare_run(data, out, run_index=run_index_from_env(None), **OPTIONS) == {

@@ -17,12 +17,12 @@ import torch
 from scipy.stats import wilcoxon
 from typer.testing import CliRunner
 
-import hepaseg.evaluation
+import hepaseg.experiments
 import hepaseg.training
 from _tiny_data import make_tiny_dataset
 from hepaseg.cli import app
 from hepaseg.errors import HepasegError
-from hepaseg.evaluation import compare, parse_models, wilcoxon_vs
+from hepaseg.experiments import compare, parse_models, wilcoxon_vs
 from hepaseg.models import build_model, count_parameters, list_models
 
 MODELS = ["unet", "mfcnet"]
@@ -226,7 +226,7 @@ def test_cli_compare_wires_the_options(compared, tmp_path, monkeypatch):
         seen.update(kwargs, data=data_arg, out=out_arg)
         return result
 
-    monkeypatch.setattr(hepaseg.evaluation, "compare", fake)
+    monkeypatch.setattr(hepaseg.experiments, "compare", fake)
     res = CliRunner().invoke(app, ["compare", "--data", str(data), "--models", "unet,mfcnet", "--seeds", "2",
                                    "--width", "4", "--max-minutes-per-run", "1.5", "--max-epochs", "3",
                                    "--batch-size", "2", "--precision", "32", "--out", str(tmp_path / "o")])

@@ -25,7 +25,7 @@ from hepaseg.data import read_manifest
 from hepaseg.data.phantom import write_phantom_dataset
 from hepaseg.errors import HepasegError
 from hepaseg.evaluation import slice_metrics
-from hepaseg.inference.crossval import case_metrics, crossval, make_fold_data
+from hepaseg.experiments.crossval import case_metrics, crossval, make_fold_data
 from hepaseg.inference.predictor import predict_volume
 from hepaseg.io import read_volume
 
@@ -304,7 +304,7 @@ def test_crossval_writes_its_folds_as_an_ensemble_list(done, tmp_path):
 
 
 def test_scoring_reproduces_crossval_and_post_processes_cached_predictions(done, tmp_path, monkeypatch):
-    from hepaseg.inference.crossval_scoring import score_crossval
+    from hepaseg.experiments.crossval_scoring import score_crossval
 
     src, out, result, _ = done
     copy = tmp_path / "cv"
@@ -340,7 +340,7 @@ def test_scoring_reproduces_crossval_and_post_processes_cached_predictions(done,
 
 
 def test_cli_model_options_join_the_tumour_models_train_options(tmp_path, monkeypatch):
-    import hepaseg.inference.crossval as crossval_module
+    import hepaseg.experiments.crossval as crossval_module
 
     seen = {}
 

@@ -19,8 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from hepaseg.cli import app
-from hepaseg.demo import DEMO_MARKER, Z_SPLIT_WARNING, run_demo, write_z_block
 from hepaseg.errors import HepasegError
+from hepaseg.experiments.demo import DEMO_MARKER, Z_SPLIT_WARNING, run_demo, write_z_block
 
 TINY = {"minutes": 0.2, "size": 32, "width": 4}
 
@@ -197,3 +197,16 @@ def test_write_z_block_range_checks(demo, tmp_path: Path) -> None:
         write_z_block(volume, tmp_path / "b", 5, 5)
     path = write_z_block(volume, tmp_path / "b", 0, 3)
     assert path.name == "volume-117.nii.gz" and nib.load(path).shape == (128, 128, 3)
+
+
+def test_default_sample_source_looks_beside_the_checkout(monkeypatch) -> None:
+    # The module moved to hepaseg/experiments/ (one folder deeper): its path arithmetic must still find
+    # ../shared/data/lits117 beside the checkout. The checkout is found here from the package root instead.
+    import hepaseg
+    from hepaseg.experiments.demo import default_sample_source
+
+    monkeypatch.delenv("HEPASEG_SHARED_DATA", raising=False)
+    beside = Path(hepaseg.__file__).resolve().parents[2].parent / "shared" / "data" / "lits117"
+    assert default_sample_source() == (beside if (beside / "img_117.mrc").is_file() else None)
+    monkeypatch.setenv("HEPASEG_SHARED_DATA", "/nonexistent-hepaseg-data")
+    assert default_sample_source() == (beside if (beside / "img_117.mrc").is_file() else None)

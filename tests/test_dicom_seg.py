@@ -196,7 +196,7 @@ def test_evaluate_volumes_explain_and_crossval_reader_take_seg_labels(case, tmp_
     from typer.testing import CliRunner
 
     from hepaseg.cli import app
-    from hepaseg.inference.crossval import _read_held_out
+    from hepaseg.experiments.crossval import _read_held_out
     from hepaseg.models import build_model
 
     seg = write_seg(tmp_path / "labels.dcm", case["files"], [("Liver", "liver", case["label"] > 0),

@@ -1,5 +1,6 @@
 """The stage packages import only stages before them: io -> data -> models -> training ->
-evaluation -> inference -> viz (``cli`` and ``demo`` wire them all)."""
+evaluation -> inference -> viz -> experiments (the multi-run protocols: compare, crossval, benchmark,
+demo); ``cli`` wires them all."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 import hepaseg
 
-STAGES = ["io", "data", "models", "training", "evaluation", "inference", "viz"]
+STAGES = ["io", "data", "models", "training", "evaluation", "inference", "viz", "experiments"]
 PACKAGE = Path(hepaseg.__file__).parent
 
 
@@ -44,3 +45,8 @@ def test_the_checker_sees_imports(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("from hepaseg.viz import explain\nimport hepaseg.models.registry\nfrom hepaseg import io\n")
     assert imported_stages(probe) == {"viz", "models", "io"}
+
+
+def test_the_package_root_holds_only_cli_errors_and_version():
+    # Every module but the thin CLI, the error class and the version lives in a stage package.
+    assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "cli.py", "errors.py"]

@@ -312,3 +312,38 @@ def test_sigterm_saves_last_checkpoint_and_resume_finishes(tiny_data, tmp_path):
     final = torch.load(run / "last.ckpt", weights_only=True)
     assert final["global_step"] == epochs * 6  # every step of every epoch exactly once
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing set aside or half-written
+
+
+def test_train_console_has_no_lightning_noise_but_keeps_hepasegs_notes(tmp_path):
+    # Issue 13: every `train` printed Lightning's accelerator inventory, an internal "Loading
+    # `train_dataloader`" step and torch's LeafSpec deprecation. A separate process, because Lightning's
+    # console handler writes to the stderr it found at import time, which pytest's capture does not see.
+    data = make_tiny_dataset(tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["options"].update(val_fraction=0.15, val_gap=2)  # val_note: hepaseg's rank_zero_info line
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    args = [sys.executable, "-m", "hepaseg.cli", "train", "--data", str(data), "--model", "unet", "--width", "4",
+            "--out", str(tmp_path / "run"), "--max-epochs", "1", "--batch-size", "4", "--precision", "32",
+            "--no-progress"]
+    done = subprocess.run(args, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = done.stdout + done.stderr
+    for noise in ("GPU available", "TPU available", "Loading `train_dataloader`", "LeafSpec", "max_epochs=1"):
+        assert noise not in console, f"{noise!r} printed:\n{console}"
+    assert "hepaseg: validation = the last 0.15 of each training patient's kept slices" in console
+    assert "best val_dice" in console  # the summary table
+
+
+def test_lightning_filter_keeps_accelerator_lines_when_there_is_one():
+    import logging
+
+    from hepaseg.training.train import _QuietLightning
+
+    def kept(message: str) -> bool:
+        return _QuietLightning().filter(logging.LogRecord("x", logging.INFO, "", 0, message, None, None))
+
+    assert not kept("GPU available: False, used: False") and not kept("TPU available: False, using: 0 TPU cores")
+    assert kept("GPU available: True (cuda), used: True") and kept("TPU available: True, using: 8 TPU cores")
+    assert not kept("Loading `train_dataloader` to estimate number of stepping batches.")
+    assert kept("hepaseg: resuming RUN/last.ckpt (saved after epoch 3, step 9); continuing at epoch 4")

@@ -17,7 +17,7 @@ from hepaseg.data import prepare, read_manifest
 from hepaseg.data.phantom import write_phantom_dataset
 from hepaseg.data.zval import z_val_rows
 from hepaseg.errors import HepasegError
-from hepaseg.inference.crossval import make_fold_data
+from hepaseg.experiments.crossval import make_fold_data
 from hepaseg.training import TrainConfig, train
 
 QUIET = {"progress": False, "console": Console(quiet=True)}

@@ -2,7 +2,7 @@ import sys, time, json, cProfile, pstats, shutil
 from pathlib import Path
 import numpy as np
 from hepaseg.data.phantom import write_phantom_dataset
-from hepaseg.inference.benchmark import write_untrained_checkpoint
+from hepaseg.experiments.benchmark import write_untrained_checkpoint
 from hepaseg.inference.pipeline import predict_case
 w = Path("/tmp/perf/casc"); w.mkdir(exist_ok=True)
 if not (w/"src").exists():

@@ -103,6 +103,56 @@ SegLabelsOption = Annotated[
 ]
 
 
+# --- Options shared by several commands: flag, type and help declared once (defaults stay per command) ---
+def out_option(help: str) -> typer.models.OptionInfo:
+    """``--out``/``-o``: every command's output folder or file; ``help`` says what it holds for that command."""
+    return typer.Option("--out", "-o", help=help)
+
+
+OverwriteOption = Annotated[
+    bool, typer.Option(help="Replace hepaseg's own earlier output at --out (a folder it did not write is refused).")
+]
+ProgressOption = Annotated[bool, typer.Option(help="Show progress bars (on a terminal).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON to stdout, not tables.")]
+WidthOption = Annotated[int, typer.Option("--width", help="Base width (channels of the first level) of the networks.")]
+PreparedDataOption = Annotated[
+    Path, typer.Option("--data", help="Prepared dataset directory (`hepaseg prepare` output).")
+]
+ModelOptionOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--model-option", help="Architecture option KEY=VALUE (JSON value) of the trained (tumour) networks; "
+                                        "repeatable."),
+]
+# Prediction (evaluate, predict, benchmark, crossval)
+CheckpointsOption = Annotated[
+    Optional[list[Path]], typer.Option("--checkpoint", help="Checkpoint from `hepaseg train`; repeat for an ensemble.")
+]
+CheckpointsFromOption = Annotated[
+    Optional[Path],
+    typer.Option(help="Ensemble list file (OUT/ensembles/<model>.json of compare or crossval): its checkpoints."),
+]
+BatchOption = Annotated[int, typer.Option(help="Slices per forward pass.")]
+ThresholdOption = Annotated[float, typer.Option(help="Tumour probability threshold (tumour where sigmoid > it).")]
+TtaOption = Annotated[bool, typer.Option("--tta", help="Average identity + horizontal + vertical flips.")]
+# Protocols of many runs (compare, crossval), and their cluster steps
+SeedsOption = Annotated[int, typer.Option(help="Seeds per model (and fold): 0..N-1.")]
+MaxMinutesPerRunOption = Annotated[Optional[float], typer.Option(help="Wall-clock training budget of each run.")]
+PlanOption = Annotated[
+    bool,
+    typer.Option("--plan", help="Cluster: write OUT/plan.json (the runs; crossval prepares the data first) and stop."),
+]
+RunIndexOption = Annotated[
+    Optional[int], typer.Option(help="Cluster: run plan entry I only (default $SLURM_ARRAY_TASK_ID when set).")
+]
+WorkerOption = Annotated[
+    bool, typer.Option("--worker", help="Cluster: run every plan entry no live worker holds, then stop.")
+]
+CollectOption = Annotated[
+    bool,
+    typer.Option("--collect", help="Cluster: tables (and compare's tests) from the finished runs; names the missing."),
+]
+
+
 def _dicom_options(series: str | None, seg: list[Path] | None, seg_labels: str | None):
     """The DicomOptions of --series/--seg/--seg-labels (validated), or None when none is given."""
     if series is None and not seg and seg_labels is None:
@@ -152,7 +202,6 @@ _MIN_LESION_HELP = "Post-processing: drop lesions smaller than this volume, mm^3
 _FILL_HOLES_HELP = "Post-processing: fill holes of the tumour mask slice by slice (default off)."
 _LIVER_FRACTION_HELP = ("Post-processing: drop lesions with less than this share of voxels in the predicted liver "
                         "(0.5 = mostly outside; needs --liver-checkpoint; default 0: off).")
-_CHECKPOINTS_FROM_HELP = "Ensemble list file (OUT/ensembles/<model>.json of compare or crossval): its checkpoints."
 
 
 def _version_callback(value: bool) -> None:
@@ -190,7 +239,7 @@ def prepare_command(
     sources: Annotated[
         list[Path], typer.Argument(help="CT files or folders: LiTS, MSD Task03, 3D-IRCADb, NIfTI, DICOM, MRC.")
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (new, empty or a previous output).")],
+    out: Annotated[Path, out_option("Output directory (new, empty or a previous output).")],
     window: Annotated[str, typer.Option(help="HU window LO,HI clipped and scaled to [0, 1].")] = "-200,250",
     size: Annotated[int, typer.Option(help="Slice size in pixels after resizing.")] = 224,
     slices: Annotated[
@@ -221,8 +270,8 @@ def prepare_command(
         typer.Option(help="Validate on the last z-block (this share) of each TRAINING patient, as crossval; "
                           "needs --split VAL 0, e.g. --split 1,0,0."),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a previous prepare output at --out.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    overwrite: OverwriteOption = False,
+    progress: ProgressOption = True,
     workers: Annotated[
         int, typer.Option(help="Processes preparing cases side by side (same output; one volume in memory each).")
     ] = 1,
@@ -295,7 +344,7 @@ def sample_command(
 @user_errors
 def info_command(
     path: Annotated[Path, typer.Argument(help="A case or a folder of cases: DICOM study, LiTS, MSD, NIfTI, ...")],
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON, not tables.")] = False,
+    json_output: JsonOption = False,
     series: SeriesOption = None,
     seg: SegOption = None,
     seg_labels: SegLabelsOption = None,
@@ -363,8 +412,8 @@ def info_command(
 @app.command("models")
 @user_errors
 def models_command(
-    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list, not a table.")] = False,
-    width: Annotated[int, typer.Option("--width", help="base_width to build every network with.")] = 64,
+    json_output: JsonOption = False,
+    width: WidthOption = 64,
 ) -> None:
     """List the registered networks with their trainable parameter counts."""
     import json
@@ -404,13 +453,11 @@ def _families(values: list[str] | None) -> list[str]:
 @app.command("train")
 @user_errors
 def train_command(
-    data: Annotated[Path, typer.Option("--data", help="Prepared dataset directory (hepaseg prepare output).")],
+    data: PreparedDataOption,
     model: Annotated[str, typer.Option("--model", help="Network name (see `hepaseg models`).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: config.json, best/last.ckpt, logs/.")],
-    width: Annotated[int, typer.Option(help="Base width (channels of the first level).")] = 64,
-    model_option: Annotated[
-        Optional[list[str]], typer.Option("--model-option", help="Architecture option KEY=VALUE (JSON value).")
-    ] = None,
+    out: Annotated[Path, out_option("Run directory: config.json, best/last.ckpt, logs/.")],
+    width: WidthOption = 64,
+    model_option: ModelOptionOption = None,
     loss: Annotated[str, typer.Option(help="dice_bce | focal | tversky | dice_topk.")] = "dice_bce",
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
@@ -458,12 +505,10 @@ def train_command(
     num_nodes: Annotated[int, typer.Option(help="Nodes (torchrun / SLURM).")] = 1,
     strategy: Annotated[str, typer.Option(help="auto | ddp | ddp_spawn | ...")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.ckpt.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Delete an existing run in OUT first.")] = False,
-    progress: Annotated[bool, typer.Option(help="Rich progress bar (on a terminal).")] = True,
+    overwrite: OverwriteOption = False,
+    progress: ProgressOption = True,
 ) -> None:
     """Train a network on prepared slices; writes best.ckpt (by val_dice) and last.ckpt in OUT."""
-    from rich.table import Table
-
     from hepaseg.training import TrainConfig, parse_key_values, train  # imports torch: keep --help fast
 
     result = train(
@@ -502,6 +547,13 @@ def train_command(
             progress_bar=progress,
         )
     )
+    _print_train_result(result, model, max_minutes)
+
+
+def _print_train_result(result, model: str, max_minutes: float | None) -> None:
+    """`train`: what the run did (val Dice, epochs, speed, checkpoints) and its warnings."""
+    from rich.table import Table
+
     table = Table(title=f"train {model} -> {result.run_dir}")
     table.add_column("")
     table.add_column("value", justify="right")
@@ -535,20 +587,15 @@ def train_command(
 @app.command("evaluate")
 @user_errors
 def evaluate_command(
-    checkpoint: Annotated[
-        Optional[list[Path]],
-        typer.Option("--checkpoint", help="Checkpoint from `hepaseg train` (best.ckpt); repeat for an ensemble."),
-    ] = None,
+    checkpoint: CheckpointsOption = None,
     data: Annotated[
         Optional[Path], typer.Option("--data", help="Prepared dataset (same window/size/context as the checkpoint).")
     ] = None,
     split: Annotated[str, typer.Option(help="Split to score: test | val | train.")] = "test",
-    json_output: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout, not a table.")] = False,
-    out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Output folder (default CHECKPOINT_DIR/eval-SPLIT).")
-    ] = None,
-    batch: Annotated[int, typer.Option(help="Slices per forward pass.")] = 8,
-    threshold: Annotated[float, typer.Option(help="Tumour where sigmoid > threshold.")] = 0.5,
+    json_output: JsonOption = False,
+    out: Annotated[Optional[Path], out_option("Output folder (default CHECKPOINT_DIR/eval-SPLIT).")] = None,
+    batch: BatchOption = 8,
+    threshold: ThresholdOption = 0.5,
     volumes: Annotated[
         Optional[list[Path]],
         typer.Option("--volumes", help="Labelled CT case/folder for whole-volume metrics in mm (repeatable)."),
@@ -559,8 +606,8 @@ def evaluate_command(
         typer.Option("--liver-checkpoint", help="Liver-stage checkpoint: --volumes runs the cascade, scores both "
                                                 "(repeat for an ensemble)."),
     ] = None,
-    checkpoints_from: Annotated[Optional[Path], typer.Option(help=_CHECKPOINTS_FROM_HELP)] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Average identity + horizontal + vertical flips.")] = False,
+    checkpoints_from: CheckpointsFromOption = None,
+    tta: TtaOption = False,
     min_lesion_mm3: Annotated[float, typer.Option(help=_MIN_LESION_HELP + " With --volumes.")] = 0.0,
     fill_holes: Annotated[bool, typer.Option("--fill-holes", help=_FILL_HOLES_HELP + " With --volumes.")] = False,
     min_liver_fraction: Annotated[float, typer.Option(help=_LIVER_FRACTION_HELP + " With --volumes.")] = 0.0,
@@ -570,8 +617,6 @@ def evaluate_command(
 ) -> None:
     """Score a checkpoint on a prepared split (the paper's Table 1 metrics); --volumes adds 3D metrics in mm."""
     import json
-
-    from rich.table import Table
 
     from hepaseg.evaluation import evaluate_checkpoint  # imports torch: keep `hepaseg --help` fast
     from hepaseg.evaluation.ensemble import resolve_members
@@ -612,62 +657,76 @@ def evaluate_command(
         typer.echo(json.dumps(payload, indent=2))
         return
     if result is not None:
-        s = result.summary
-        table = Table(
-            title=f"{result.model_name} on {result.split} ({s['n_slices']} slices, {len(result.per_case)} cases)"
-        )
-        table.add_column("metric")
-        table.add_column("mean", justify="right")
-        table.add_column("sd", justify="right")
-        for key in ("dice", "jaccard", "precision", "recall", "specificity"):
-            table.add_row(f"{key} (%)", f"{100 * s[key]:.2f}", f"{100 * s[key + '_sd']:.2f}")
-        for key in ("hausdorff", "hd95"):
-            table.add_row(f"{key} (px)", f"{s[key]:.2f}", f"{s[key + '_sd']:.2f}")
-        table.add_row("f1 (%) = 2PR/(P+R) of means", f"{100 * s['f1']:.2f}", "")
-        table.add_row("f1_mean_per_slice (%)", f"{100 * s['f1_mean_per_slice']:.2f}", "")
-        table.add_row("ms / slice (forward)", f"{result.timings['ms_per_slice']:.2f}", "")
-        console.print(table)
-        if result.skipped_cases:
-            console.print(f"skipped unlabelled cases: {', '.join(result.skipped_cases)}", highlight=False)
-        if result.demo_z_split:
-            console.print("[yellow]demo z-split:[/] contiguous z blocks of one patient; scores are optimistic.")
-        if result.val_note is not None and result.split == "val":
-            console.print(f"[yellow]note:[/] {result.val_note}", highlight=False, soft_wrap=True)
-        for key, path in result.paths.items():
-            console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
+        _print_slice_evaluation(result)
     if vol is not None:
-        table = Table(title=f"{vol.model_name}: whole volumes (distances in mm)")
-        for col in ("case", "dice", "jaccard", "rvd", "assd", "hd95", "hausdorff"):
-            table.add_column(col, justify="right")
-        for row in vol.rows:
-            table.add_row(
-                row["case"], *(f"{row[k]:.3f}" for k in ("dice", "jaccard", "rvd", "assd", "hd95", "hausdorff"))
-            )
-        console.print(table)
-        v = vol.summary
+        _print_volume_evaluation(vol)
+
+
+def _print_slice_evaluation(result) -> None:
+    """`evaluate --data`: Table-1 metrics of the slices, notes and the files written."""
+    from rich.table import Table
+
+    s = result.summary
+    table = Table(
+        title=f"{result.model_name} on {result.split} ({s['n_slices']} slices, {len(result.per_case)} cases)"
+    )
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    table.add_column("sd", justify="right")
+    for key in ("dice", "jaccard", "precision", "recall", "specificity"):
+        table.add_row(f"{key} (%)", f"{100 * s[key]:.2f}", f"{100 * s[key + '_sd']:.2f}")
+    for key in ("hausdorff", "hd95"):
+        table.add_row(f"{key} (px)", f"{s[key]:.2f}", f"{s[key + '_sd']:.2f}")
+    table.add_row("f1 (%) = 2PR/(P+R) of means", f"{100 * s['f1']:.2f}", "")
+    table.add_row("f1_mean_per_slice (%)", f"{100 * s['f1_mean_per_slice']:.2f}", "")
+    table.add_row("ms / slice (forward)", f"{result.timings['ms_per_slice']:.2f}", "")
+    console.print(table)
+    if result.skipped_cases:
+        console.print(f"skipped unlabelled cases: {', '.join(result.skipped_cases)}", highlight=False)
+    if result.demo_z_split:
+        console.print("[yellow]demo z-split:[/] contiguous z blocks of one patient; scores are optimistic.")
+    if result.val_note is not None and result.split == "val":
+        console.print(f"[yellow]note:[/] {result.val_note}", highlight=False, soft_wrap=True)
+    for key, path in result.paths.items():
+        console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
+
+
+def _print_volume_evaluation(vol) -> None:
+    """`evaluate --volumes`: per-case 3D metrics (mm), pooled Dice, liver stage and burden."""
+    from rich.table import Table
+
+    table = Table(title=f"{vol.model_name}: whole volumes (distances in mm)")
+    for col in ("case", "dice", "jaccard", "rvd", "assd", "hd95", "hausdorff"):
+        table.add_column(col, justify="right")
+    for row in vol.rows:
+        table.add_row(
+            row["case"], *(f"{row[k]:.3f}" for k in ("dice", "jaccard", "rvd", "assd", "hd95", "hausdorff"))
+        )
+    console.print(table)
+    v = vol.summary
+    console.print(
+        f"dice per case {v['dice_per_case']:.4f}, dice global {v['dice_global']:.4f} ({v['n_cases']} cases)",
+        highlight=False,
+    )
+    if "liver" in v:
+        lv = v["liver"]
         console.print(
-            f"dice per case {v['dice_per_case']:.4f}, dice global {v['dice_global']:.4f} ({v['n_cases']} cases)",
+            f"liver stage: dice per case {lv['dice_per_case']:.4f}, dice global {lv['dice_global']:.4f}, "
+            f"assd {lv['assd']:.2f} mm",
             highlight=False,
         )
-        if "liver" in v:
-            lv = v["liver"]
-            console.print(
-                f"liver stage: dice per case {lv['dice_per_case']:.4f}, dice global {lv['dice_global']:.4f}, "
-                f"assd {lv['assd']:.2f} mm",
-                highlight=False,
-            )
-            b = v["burden"]
-            console.print(
-                f"mean liver volume {b['liver_volume_ml']:.1f} mL (reference {b['reference_liver_volume_ml']:.1f}), "
-                f"tumour burden {b['tumor_burden_percent']:.2f} % (reference {b['reference_tumor_burden_percent']:.2f} "
-                "%)",
-                highlight=False,
-            )
-        for row in vol.rows:
-            if row.get("warnings"):
-                console.print(f"[yellow]warning:[/] {row['case']}: {row['warnings']}", highlight=False)
-        for key, path in vol.paths.items():
-            console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
+        b = v["burden"]
+        console.print(
+            f"mean liver volume {b['liver_volume_ml']:.1f} mL (reference {b['reference_liver_volume_ml']:.1f}), "
+            f"tumour burden {b['tumor_burden_percent']:.2f} % (reference {b['reference_tumor_burden_percent']:.2f} "
+            "%)",
+            highlight=False,
+        )
+    for row in vol.rows:
+        if row.get("warnings"):
+            console.print(f"[yellow]warning:[/] {row['case']}: {row['warnings']}", highlight=False)
+    for key, path in vol.paths.items():
+        console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
 
 
 def _cluster_step(plan: bool, run_index: int | None, worker: bool, collect: bool, out: Path, *, plan_fn,
@@ -693,45 +752,39 @@ def _cluster_step(plan: bool, run_index: int | None, worker: bool, collect: bool
 @app.command("compare")
 @user_errors
 def compare_command(
-    data: Annotated[Path, typer.Option("--data", help="Prepared dataset with train, val and test cases.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Comparison folder (rerun the same command to resume).")],
+    data: PreparedDataOption,
+    out: Annotated[Path, out_option("Comparison folder (rerun the same command to resume).")],
     models: Annotated[str, typer.Option(help="all | comma-separated names (see `hepaseg models`).")] = "all",
-    seeds: Annotated[int, typer.Option(help="Seeds per model (0..N-1).")] = 3,
-    width: Annotated[int, typer.Option(help="Base width of every network.")] = 64,
-    max_minutes_per_run: Annotated[
-        Optional[float], typer.Option(help="Wall-clock training budget of each run.")
-    ] = None,
+    seeds: SeedsOption = 3,
+    width: WidthOption = 64,
+    max_minutes_per_run: MaxMinutesPerRunOption = None,
     max_epochs: Annotated[int, typer.Option(help="Epoch budget of each run.")] = 50,
     batch_size: Annotated[int, typer.Option(help="Slices per step (every run).")] = 8,
     precision: Annotated[
         Optional[str], typer.Option(help="32 | 16-mixed | bf16-mixed (default: by hardware, same for all).")
     ] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
-    model_option: Annotated[
-        Optional[list[str]],
-        typer.Option("--model-option", help="Architecture option KEY=VALUE (JSON value) for every listed model."),
-    ] = None,
+    model_option: ModelOptionOption = None,
     size_check: Annotated[
         bool,
         typer.Option("--size-check", help="Dry run: build, run and time each model at the data's size; no training."),
     ] = False,
-    plan: Annotated[bool, typer.Option("--plan", help="Cluster: write OUT/plan.json (the runs) and stop.")] = False,
-    run_index: Annotated[
-        Optional[int],
-        typer.Option(help="Cluster: train+evaluate plan entry I only (default $SLURM_ARRAY_TASK_ID when set)."),
-    ] = None,
-    worker: Annotated[
-        bool, typer.Option("--worker", help="Cluster: run every plan entry no live worker holds, then stop.")
-    ] = False,
-    collect: Annotated[
-        bool, typer.Option("--collect", help="Cluster: tables and tests from the finished runs; names the missing.")
-    ] = False,
+    plan: PlanOption = False,
+    run_index: RunIndexOption = None,
+    worker: WorkerOption = False,
+    collect: CollectOption = False,
 ) -> None:
     """Train and evaluate several networks under one protocol: Table 1, Wilcoxon tests, Dice box plot."""
     from rich.table import Table
 
-    from hepaseg.evaluation import check_sizes, compare  # imports torch: keep `hepaseg --help` fast
-    from hepaseg.evaluation.compare import compare_collect, compare_plan, compare_run, run_index_from_env
+    from hepaseg.experiments import (  # imports torch: keep `hepaseg --help` fast
+        check_sizes,
+        compare,
+        compare_collect,
+        compare_plan,
+        compare_run,
+        run_index_from_env,
+    )
     from hepaseg.training import parse_key_values
 
     if size_check:
@@ -791,15 +844,12 @@ def predict_command(
         Path,
         typer.Argument(help="CT case (NIfTI, LiTS, MSD, DICOM study, 3D-IRCADb, MRC) or a folder of cases (batch)."),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new or empty unless --overwrite).")],
-    checkpoint: Annotated[
-        Optional[list[Path]],
-        typer.Option("--checkpoint", help="Checkpoint from `hepaseg train` (torch engine); repeat for an ensemble."),
-    ] = None,
-    checkpoints_from: Annotated[Optional[Path], typer.Option(help=_CHECKPOINTS_FROM_HELP)] = None,
-    batch: Annotated[int, typer.Option(help="Slices per forward pass.")] = 8,
-    tta: Annotated[bool, typer.Option("--tta", help="Average identity + horizontal + vertical flips.")] = False,
-    threshold: Annotated[float, typer.Option(help="Tumour probability threshold.")] = 0.5,
+    out: Annotated[Path, out_option("Output folder (new or empty unless --overwrite).")],
+    checkpoint: CheckpointsOption = None,
+    checkpoints_from: CheckpointsFromOption = None,
+    batch: BatchOption = 8,
+    tta: TtaOption = False,
+    threshold: ThresholdOption = 0.5,
     labels: Annotated[
         str, typer.Option(help="tumor: mask 0/1 | lits: 0/1/2 with the input's own liver label.")
     ] = "tumor",
@@ -816,8 +866,8 @@ def predict_command(
     min_lesion_mm3: Annotated[float, typer.Option(help=_MIN_LESION_HELP)] = 0.0,
     fill_holes: Annotated[bool, typer.Option("--fill-holes", help=_FILL_HOLES_HELP)] = False,
     min_liver_fraction: Annotated[float, typer.Option(help=_LIVER_FRACTION_HELP)] = 0.0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an --out folder that holds files.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    overwrite: OverwriteOption = False,
+    progress: ProgressOption = True,
     output_format: Annotated[
         str, typer.Option("--format", help="nifti | dicom-seg | both (DICOM-SEG: DICOM inputs only).")
     ] = "nifti",
@@ -835,8 +885,6 @@ def predict_command(
 
     A folder of many cases runs them all with the model loaded once: OUT/CASE_ID/... and OUT/summary.csv;
     rerunning the command resumes (finished cases are skipped unless --overwrite)."""
-    from rich.table import Table
-
     from hepaseg.evaluation.ensemble import resolve_members
     from hepaseg.inference import predict_case  # imports torch: keep `hepaseg --help` fast
 
@@ -895,6 +943,12 @@ def predict_command(
             result, Path(out) / "report.html", command=_command_line(ctx),
             checkpoints=[onnx_model] if onnx_model is not None else checkpoints,
             liver_checkpoint=liver_checkpoints or None, uncertainty_label="sd over members and flips")
+    _print_prediction(result)
+
+def _print_prediction(result) -> None:
+    """`predict` of one case: the lesion table, summary, metrics against a label, warnings, files, timings."""
+    from rich.table import Table
+
     members = result.settings.get("n_members", 1)
     table = Table(title=f"{result.case_id}: {len(result.lesions)} lesion(s) ({result.model_name}, {result.engine}"
                         f"{f', {members} members' if members > 1 else ''})")
@@ -1001,7 +1055,7 @@ def explain_command(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint from `hepaseg train`.")],
     input_path: Annotated[Path, typer.Option("--input", help="CT case (any format `hepaseg predict` reads).")],
     slice_index: Annotated[int, typer.Option("--slice", help="Axial slice index z (0-based).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")],
+    out: Annotated[Path, out_option("PNG to write.")],
     query: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -1051,11 +1105,11 @@ def explain_command(
 @app.command("benchmark")
 @user_errors
 def benchmark_command(
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    json_output: JsonOption = False,
     models: Annotated[str, typer.Option("--models", help="Comma-separated model names, or all.")] = "all",
-    width: Annotated[int, typer.Option(help="base_width of every network.")] = 64,
+    width: WidthOption = 64,
     size: Annotated[int, typer.Option(help="Slice size in pixels.")] = 224,
-    batch: Annotated[int, typer.Option(help="Slices per forward pass.")] = 8,
+    batch: BatchOption = 8,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median reported).")] = 5,
     quick: Annotated[
         bool, typer.Option("--quick", help="At most 2 repeats and a 16 x 512 x 512 phantom for prepare/predict.")
@@ -1065,12 +1119,12 @@ def benchmark_command(
     ] = None,
     clock: Annotated[str, typer.Option(help="wall | cpu (this process's CPU time; steady with --threads 1).")] = "wall",
     threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: torch's choice).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the JSON result here.")] = None,
+    out: Annotated[Optional[Path], out_option("Also write the JSON result here.")] = None,
 ) -> None:
     """Measure parameters, FLOPs, speed and memory of the networks, attention, prepare and predict here."""
     import json
 
-    from hepaseg.inference.benchmark import benchmark_tables, run_benchmark
+    from hepaseg.experiments.benchmark import benchmark_tables, run_benchmark
     from hepaseg.io.atomic import write_json_atomic
     from hepaseg.io.outputs import check_output_file
 
@@ -1107,33 +1161,28 @@ def benchmark_command(
 @user_errors
 def crossval_command(
     sources: Annotated[list[Path], typer.Argument(help="CT files or folders: every case is one patient and fold.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Crossval folder (rerun the same command to resume).")],
+    out: Annotated[Path, out_option("Crossval folder (rerun the same command to resume).")],
     models: Annotated[str, typer.Option(help="Comma-separated tumour networks (see `hepaseg models`).")] = "unet",
-    seeds: Annotated[int, typer.Option(help="Seeds per model and fold (0..N-1).")] = 2,
+    seeds: SeedsOption = 2,
     cascade: Annotated[
         bool, typer.Option("--cascade", help="Liver-first cascade: liver stage, then tumour on liver crops.")
     ] = False,
     liver_model: Annotated[str, typer.Option(help="Liver-stage network (with --cascade).")] = "unet",
     liver_size: Annotated[int, typer.Option(help="Liver-stage slice size in pixels (with --cascade).")] = 128,
     size: Annotated[int, typer.Option(help="Tumour-stage slice size in pixels.")] = 224,
-    width: Annotated[int, typer.Option(help="Base width of every network.")] = 16,
-    max_minutes_per_run: Annotated[
-        Optional[float], typer.Option(help="Wall-clock training budget of each run.")
-    ] = None,
+    width: WidthOption = 16,
+    max_minutes_per_run: MaxMinutesPerRunOption = None,
     max_epochs: Annotated[int, typer.Option(help="Epoch budget of each run.")] = 50,
     synthetic_tumors: Annotated[
         Optional[float], typer.Option(help="Train option synthetic_tumors: probability of a synthetic tumour.")
     ] = None,
     augment: Annotated[Optional[str], typer.Option(help="Train option augment (e.g. basic, nnunet, none).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Slices per step (every run).")] = None,
-    threshold: Annotated[float, typer.Option(help="Tumour probability threshold.")] = 0.5,
+    threshold: ThresholdOption = 0.5,
     val_fraction: Annotated[
         float, typer.Option(help="Share of each training patient's slices (last z block) monitored as val.")
     ] = 0.15,
-    model_option: Annotated[
-        Optional[list[str]],
-        typer.Option("--model-option", help="Architecture option KEY=VALUE (JSON value) of the tumour models."),
-    ] = None,
+    model_option: ModelOptionOption = None,
     train_option: Annotated[
         Optional[list[str]], typer.Option("--train-option", help="Further TrainConfig field KEY=VALUE (JSON value).")
     ] = None,
@@ -1153,33 +1202,22 @@ def crossval_command(
     score_tta: Annotated[
         bool, typer.Option("--score-tta", help="Predict the postprocess.md variants with flip TTA.")
     ] = False,
-    plan: Annotated[
-        bool, typer.Option("--plan", help="Cluster: prepare the data, write OUT/plan.json (the runs) and stop.")
-    ] = False,
-    run_index: Annotated[
-        Optional[int],
-        typer.Option(help="Cluster: train+score plan entry I only (default $SLURM_ARRAY_TASK_ID when set)."),
-    ] = None,
-    worker: Annotated[
-        bool, typer.Option("--worker", help="Cluster: run every plan entry no live worker holds, then stop.")
-    ] = False,
-    collect: Annotated[
-        bool, typer.Option("--collect", help="Cluster: tables from the finished runs; names the missing.")
-    ] = False,
+    plan: PlanOption = False,
+    run_index: RunIndexOption = None,
+    worker: WorkerOption = False,
+    collect: CollectOption = False,
     series: SeriesOption = None,
     seg_labels: SegLabelsOption = None,
 ) -> None:
     """Leave-one-patient-out training and whole-volume scoring: Dice, lesion detection by size, FP rates."""
-    from rich.table import Table
-
-    from hepaseg.evaluation.compare import run_index_from_env
-    from hepaseg.inference.crossval import (  # imports torch: keep `hepaseg --help` fast
+    from hepaseg.experiments.compare import run_index_from_env
+    from hepaseg.experiments.crossval import (  # imports torch: keep `hepaseg --help` fast
         crossval,
         crossval_collect,
         crossval_plan,
         crossval_run,
     )
-    from hepaseg.inference.crossval_scoring import parse_settings, score_crossval
+    from hepaseg.experiments.crossval_scoring import parse_settings, score_crossval
     from hepaseg.training import parse_key_values
 
     settings = parse_settings(postprocess or [], cascade=cascade)  # bad settings fail before any training
@@ -1213,6 +1251,25 @@ def crossval_command(
                      run_fn=lambda index: crossval_run(sources, out, run_index=index, **options)):
         return
     result = (crossval_collect if collect else crossval)(sources, out, **options)
+    _print_crossval_table(result)
+    _print_trained_and_written(result)
+    if result.missing:
+        console.print(f"missing (not finished, left out): {', '.join(result.missing)}")
+    if (postprocess or ensemble_seeds or score_tta) and result.missing:
+        console.print("post-processing scoring skipped: it needs every run finished", highlight=False)
+    elif postprocess or ensemble_seeds or score_tta:
+        scored = score_crossval(out, settings, models=result.models, seeds=len(result.seeds),
+                                ensemble=ensemble_seeds, tta=score_tta,
+                                log=lambda line: console.print(line, highlight=False))
+        console.print(f"scored {len(scored.settings)} post-processing setting(s); written to {out}:", highlight=False)
+        for key, path in scored.paths.items():
+            console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
+
+
+def _print_crossval_table(result) -> None:
+    """`crossval`: per model, the means over folds and seeds (Dice, pooled Dice, lesion recall, false positives)."""
+    from rich.table import Table
+
     table = Table(title=f"crossval: {len(result.folds)} folds x {len(result.seeds)} seeds (means)")
     for col in ("model", "dice (%)", "dice global (%)", "recall IoU>0.5 (%)", "recall any (%)", "FP lesions",
                 "FP slice rate (%)"):
@@ -1228,18 +1285,6 @@ def crossval_command(
         table.add_row(name, mean("dice"), f"{100 * sum(pooled) / len(pooled):.2f}", mean("recall_iou"),
                       mean("recall_any"), mean("fp_lesions", 1.0), mean("fp_slice_rate"))
     console.print(table)
-    _print_trained_and_written(result)
-    if result.missing:
-        console.print(f"missing (not finished, left out): {', '.join(result.missing)}")
-    if (postprocess or ensemble_seeds or score_tta) and result.missing:
-        console.print("post-processing scoring skipped: it needs every run finished", highlight=False)
-    elif postprocess or ensemble_seeds or score_tta:
-        scored = score_crossval(out, settings, models=result.models, seeds=len(result.seeds),
-                                ensemble=ensemble_seeds, tta=score_tta,
-                                log=lambda line: console.print(line, highlight=False))
-        console.print(f"scored {len(scored.settings)} post-processing setting(s); written to {out}:", highlight=False)
-        for key, path in scored.paths.items():
-            console.print(f"  {key:<8} {path}", highlight=False, soft_wrap=True)
 
 
 # [cli:inference]
@@ -1250,22 +1295,22 @@ def crossval_command(
 @user_errors
 def demo_command(
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Demo folder (new, empty, or an earlier demo's, which is replaced).")
+        Path, out_option("Demo folder (new, empty, or an earlier demo's, which is replaced).")
     ] = Path("demo_out"),
     minutes: Annotated[float, typer.Option(help="Time budget: 40 % for each network's training.")] = 5.0,
     sample_dir: Annotated[
         Optional[Path], typer.Option(help="Existing copy of img_117.mrc + lab_117.mrc (skips the download).")
     ] = None,
     size: Annotated[int, typer.Option(help="Slice size in pixels.")] = 128,
-    width: Annotated[int, typer.Option(help="Base width of both networks.")] = 8,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    width: WidthOption = 8,
+    progress: ProgressOption = True,
 ) -> None:
     """The whole product on LiTS-117: prepare (DEMO z-split), train MFCNet and U-Net, evaluate, predict,
     explain, and write a self-contained OUT/report.html."""
     from rich.table import Table
 
-    from hepaseg.demo import run_demo  # imports torch: keep `hepaseg --help` fast
     from hepaseg.evaluation import TABLE1_COLUMNS
+    from hepaseg.experiments.demo import run_demo  # imports torch: keep `hepaseg --help` fast
 
     result = run_demo(
         out, minutes=minutes, sample_dir=sample_dir, size=size, width=width, progress=progress, console=console

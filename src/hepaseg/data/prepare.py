@@ -833,23 +833,7 @@ def prepare(
             (checked before any case is read). On any error
             nothing is left at ``out`` (a previous output is kept as it was).
     """
-    if target not in PREPARE_TARGETS:
-        raise HepasegError(f"--target: expected one of {', '.join(PREPARE_TARGETS)}, got {target!r}.")
-    if roi is not None and roi not in ROI_MODES:
-        raise HepasegError(f"--roi: expected one of {', '.join(ROI_MODES)} (or none), got {roi!r}.")
-    if roi is not None and target == "liver":
-        raise HepasegError(
-            "--roi liver with --target liver: expected whole slices for the liver stage (it must find the liver "
-            "itself). Drop --roi for the liver stage; use --roi liver for the tumour stage."
-        )
-    try:
-        roi_margin_mm = float(roi_margin_mm)
-    except (TypeError, ValueError):
-        roi_margin_mm = math.nan
-    if not (math.isfinite(roi_margin_mm) and roi_margin_mm >= 0):
-        raise HepasegError(f"--roi-margin: expected a margin >= 0 in mm, got {roi_margin_mm!r}. Example: 10.")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise HepasegError(f"--workers: expected a positive number of processes, got {workers!r}. Example: 2.")
+    roi_margin_mm = _check_stage_options(target, roi, roi_margin_mm, workers)
     if slices is None:
         slices = "all" if target == "liver" else "tumor"
     (lo, hi), fractions, z_opts = _check_options(window, size, slices, context_slices, split, z_split, split_file)
@@ -868,27 +852,7 @@ def prepare(
             f"{split_path}: --val-fraction with val cases in the split file: expected no 'val' case (the "
             "validation set is the last z-block of each training patient). Move them to train or test"
         )
-
-    if not source_paths:
-        raise HepasegError("SOURCES: expected at least one file or folder of CT volumes, got none.")
-    for src in source_paths:
-        if not src.exists():
-            raise HepasegError(f"{src}: source not found: expected an existing file or folder of CT volumes.")
-    case_paths = list(find_cases(source_paths))
-    if not case_paths:
-        names = ", ".join(str(s) for s in source_paths)
-        raise HepasegError(
-            f"{names}: no CT cases found: expected LiTS, MSD, 3D-IRCADb, NIfTI, DICOM or MRC files. Check the path."
-        )
-    if dicom is not None and dicom.seg and len(case_paths) != 1:
-        raise HepasegError(
-            f"--seg: names the SEG files of one case: expected a single case, got {len(case_paths)}. Put each "
-            "case's SEG in its study folder (it is found there)."
-        )
-    if z_opts is not None and len(case_paths) != 1:
-        raise HepasegError(
-            f"--z-split: expected a single-volume source (it splits one patient along z), got {len(case_paths)} cases."
-        )
+    case_paths = _find_case_paths(source_paths, dicom, z_opts)
 
     console = console or Console()
     # Written into a temporary folder beside out and moved into place at the end (an earlier
@@ -896,62 +860,16 @@ def prepare(
     with atomic_dir(out) as tmp:
         write_output_marker(tmp, "prepare")
         (tmp / "cases").mkdir()
-        cases: list[dict[str, Any]] = []
-        seen: dict[str, str] = {}
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         opts = _CaseOptions(window=(lo, hi), size=size, slices=slices, context_slices=context_slices, roi=roi,
                             roi_margin_mm=roi_margin_mm, z_opts=z_opts, dicom=dicom)
-        started = time.perf_counter()
-        with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
-            task = bar.add_task("preparing", total=len(case_paths))
-
-            def done(path: Path, case_id: str, note: str | None) -> None:  # called in case order
-                if note is not None:
-                    console.print(note, highlight=False, soft_wrap=True)
-                if case_id in seen:
-                    raise HepasegError(
-                        f"{path}: case id {case_id!r} also comes from {seen[case_id]}: "
-                        "expected each case once. Remove the duplicate source."
-                    )
-                seen[case_id] = str(path)
-                bar.update(task, description=f"prepared {Path(path).name}")
-                bar.advance(task)
-
-            results, peaks = _run_cases(case_paths, tmp / "cases", opts, workers, done)
-        for _path, _case_id, entries in results:
-            cases.extend(entries)
-        if report is not None:
-            report.update(workers=workers, seconds=time.perf_counter() - started, peak_rss_mb=peaks)
-
+        cases = _prepare_cases(case_paths, tmp / "cases", opts, workers=workers, console=console, progress=progress,
+                               report=report)
         if z_opts is None:
-            ids = [c["id"] for c in cases]
-            if file_assignment is not None:
-                missing = [i for i in ids if i not in file_assignment]
-                unknown = [i for i in file_assignment if i not in ids]
-                if missing:
-                    raise HepasegError(
-                        f"{split_path}: cases not listed in the split file: {', '.join(missing)}: "
-                        "expected every case in train, val or test. Add them to the split file."
-                    )
-                if unknown:
-                    raise HepasegError(
-                        f"{split_path}: unknown case ids {', '.join(unknown)}: expected ids of the sources "
-                        f"({', '.join(sorted(ids))}). Fix the split file."
-                    )
-                assignment = file_assignment
-            else:
-                assignment = split_cases(ids, fractions, seed=seed)  # type: ignore[arg-type]
+            assignment = _split_assignment([c["id"] for c in cases], file_assignment, split_path, fractions, seed)
             for c in cases:
                 c["split"] = assignment[c["id"]]
         if val_fraction is not None:
-            cases = _split_training_patients(tmp, cases, val_fraction, z_val_gap(context_slices))
-            if not any(c["split"] == "val" for c in cases):
-                console.print(
-                    f"[yellow]warning:[/] --val-fraction {val_fraction:g}: no training patient has enough kept "
-                    "slices for a validation block; `hepaseg train` will train without validation (last.ckpt only)",
-                    highlight=False,
-                )
-
+            cases = _z_validation_blocks(tmp, cases, val_fraction, context_slices, console)
         manifest = {
             "format": FORMAT,
             "hepaseg_version": __version__,
@@ -978,5 +896,116 @@ def prepare(
         write_json_atomic(tmp / "manifest.json", manifest)  # last file written
     console.print(summary_table(manifest, title=f"prepared slices -> {out}"))
     return manifest
+
+
+def _check_stage_options(target: str, roi: str | None, roi_margin_mm: float, workers: int) -> float:
+    """Check --target, --roi, --roi-margin and --workers; returns the margin in mm as a float."""
+    if target not in PREPARE_TARGETS:
+        raise HepasegError(f"--target: expected one of {', '.join(PREPARE_TARGETS)}, got {target!r}.")
+    if roi is not None and roi not in ROI_MODES:
+        raise HepasegError(f"--roi: expected one of {', '.join(ROI_MODES)} (or none), got {roi!r}.")
+    if roi is not None and target == "liver":
+        raise HepasegError(
+            "--roi liver with --target liver: expected whole slices for the liver stage (it must find the liver "
+            "itself). Drop --roi for the liver stage; use --roi liver for the tumour stage."
+        )
+    try:
+        roi_margin_mm = float(roi_margin_mm)
+    except (TypeError, ValueError):
+        roi_margin_mm = math.nan
+    if not (math.isfinite(roi_margin_mm) and roi_margin_mm >= 0):
+        raise HepasegError(f"--roi-margin: expected a margin >= 0 in mm, got {roi_margin_mm!r}. Example: 10.")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise HepasegError(f"--workers: expected a positive number of processes, got {workers!r}. Example: 2.")
+    return roi_margin_mm
+
+
+def _find_case_paths(source_paths: list[Path], dicom: DicomOptions | None, z_opts: dict | None) -> list[Path]:
+    """The CT cases in the sources (checked: at least one; one with --seg or --z-split)."""
+    if not source_paths:
+        raise HepasegError("SOURCES: expected at least one file or folder of CT volumes, got none.")
+    for src in source_paths:
+        if not src.exists():
+            raise HepasegError(f"{src}: source not found: expected an existing file or folder of CT volumes.")
+    case_paths = list(find_cases(source_paths))
+    if not case_paths:
+        names = ", ".join(str(s) for s in source_paths)
+        raise HepasegError(
+            f"{names}: no CT cases found: expected LiTS, MSD, 3D-IRCADb, NIfTI, DICOM or MRC files. Check the path."
+        )
+    if dicom is not None and dicom.seg and len(case_paths) != 1:
+        raise HepasegError(
+            f"--seg: names the SEG files of one case: expected a single case, got {len(case_paths)}. Put each "
+            "case's SEG in its study folder (it is found there)."
+        )
+    if z_opts is not None and len(case_paths) != 1:
+        raise HepasegError(
+            f"--z-split: expected a single-volume source (it splits one patient along z), got {len(case_paths)} cases."
+        )
+    return case_paths
+
+
+def _prepare_cases(case_paths: list[Path], cases_dir: Path, opts: _CaseOptions, *, workers: int, console: Console,
+                   progress: bool, report: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Prepare every case into ``cases_dir`` (on ``workers`` processes) under a progress bar; returns the
+    manifest entries in case order. Raises on a case id that two sources give."""
+    seen: dict[str, str] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    started = time.perf_counter()
+    with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
+        task = bar.add_task("preparing", total=len(case_paths))
+
+        def done(path: Path, case_id: str, note: str | None) -> None:  # called in case order
+            if note is not None:
+                console.print(note, highlight=False, soft_wrap=True)
+            if case_id in seen:
+                raise HepasegError(
+                    f"{path}: case id {case_id!r} also comes from {seen[case_id]}: "
+                    "expected each case once. Remove the duplicate source."
+                )
+            seen[case_id] = str(path)
+            bar.update(task, description=f"prepared {Path(path).name}")
+            bar.advance(task)
+
+        results, peaks = _run_cases(case_paths, cases_dir, opts, workers, done)
+    cases: list[dict[str, Any]] = []
+    for _path, _case_id, entries in results:
+        cases.extend(entries)
+    if report is not None:
+        report.update(workers=workers, seconds=time.perf_counter() - started, peak_rss_mb=peaks)
+    return cases
+
+
+def _split_assignment(ids: list[str], file_assignment: dict[str, str] | None, split_path: Path | None,
+                      fractions, seed: int) -> dict[str, str]:
+    """``{case id: train | val | test}``: the split file's (checked against the cases), else a seeded shuffle."""
+    if file_assignment is None:
+        return split_cases(ids, fractions, seed=seed)  # type: ignore[arg-type]
+    missing = [i for i in ids if i not in file_assignment]
+    unknown = [i for i in file_assignment if i not in ids]
+    if missing:
+        raise HepasegError(
+            f"{split_path}: cases not listed in the split file: {', '.join(missing)}: "
+            "expected every case in train, val or test. Add them to the split file."
+        )
+    if unknown:
+        raise HepasegError(
+            f"{split_path}: unknown case ids {', '.join(unknown)}: expected ids of the sources "
+            f"({', '.join(sorted(ids))}). Fix the split file."
+        )
+    return file_assignment
+
+
+def _z_validation_blocks(tmp: Path, cases: list[dict[str, Any]], val_fraction: float, context_slices: int,
+                         console: Console) -> list[dict[str, Any]]:
+    """--val-fraction: the last z-block of each training patient becomes its validation case."""
+    cases = _split_training_patients(tmp, cases, val_fraction, z_val_gap(context_slices))
+    if not any(c["split"] == "val" for c in cases):
+        console.print(
+            f"[yellow]warning:[/] --val-fraction {val_fraction:g}: no training patient has enough kept "
+            "slices for a validation block; `hepaseg train` will train without validation (last.ckpt only)",
+            highlight=False,
+        )
+    return cases
 
 

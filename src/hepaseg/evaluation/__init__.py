@@ -5,21 +5,10 @@
 explicit empty-mask policy; ``report`` aggregates slices (means, sd, the paper's F1 of the
 mean precision and recall), renders Table 1 as Markdown and writes per-slice CSVs.
 ``detection`` scores lesion-wise detection (recall by diameter bin, false-positive lesions and
-slices). ``evaluate`` scores a checkpoint on a prepared split (``hepaseg evaluate``); ``compare``
-trains and evaluates several networks under one protocol (``hepaseg compare``).
+slices). ``evaluate`` scores a checkpoint on a prepared split (``hepaseg evaluate``). The protocols
+that train and score many runs (``hepaseg compare``, ``crossval``) live in :mod:`hepaseg.experiments`.
 """
 
-from hepaseg.evaluation.compare import (
-    CompareResult,
-    check_sizes,
-    compare,
-    compare_collect,
-    compare_plan,
-    compare_run,
-    cpu_ms_per_slice,
-    parse_models,
-    wilcoxon_vs,
-)
 from hepaseg.evaluation.detection import (
     DIAMETER_BINS,
     fp_slice_rate,
@@ -53,28 +42,19 @@ __all__ = [
     "SLICE_METRICS",
     "TABLE1_COLUMNS",
     "VOLUME_METRICS",
-    "CompareResult",
     "EvaluationResult",
     "check_data_options",
-    "check_sizes",
     "check_threshold",
-    "compare",
-    "compare_collect",
-    "compare_plan",
-    "compare_run",
-    "cpu_ms_per_slice",
     "evaluate_checkpoint",
     "f1_from_means",
     "fp_slice_rate",
     "global_dice",
     "lesion_detection",
-    "parse_models",
     "predict_slices",
     "slice_metrics",
     "summarize_slices",
     "surface_distances",
     "table1_markdown",
     "volume_metrics",
-    "wilcoxon_vs",
     "write_slice_csv",
 ]

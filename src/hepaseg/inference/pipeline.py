@@ -392,13 +392,7 @@ def predict_case(
             other files, a corrupt checkpoint or ONNX file, a liver-cropped tumour checkpoint without
             ``liver_checkpoint``, or two checkpoints that do not form a cascade. Nothing is written then.
     """
-    if labels not in LABEL_MODES:
-        raise HepasegError(f"--labels: expected one of {', '.join(LABEL_MODES)}, got {labels!r}")
-    threshold = check_threshold(threshold)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise HepasegError(f"--batch: expected a positive integer, got {batch!r}")
-    if output_format not in OUTPUT_FORMATS:
-        raise HepasegError(f"--format: expected one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    threshold = _check_options(labels, threshold, batch, output_format)
     postprocess = postprocess or PostProcess()
     if models is not None:
         checkpoints, liver_checkpoints = [Path(c) for c in models.checkpoints], [
@@ -413,31 +407,117 @@ def predict_case(
     # never a folder holding (or inside) an input.
     check_output_dir(out_dir, command="predict", inputs=inputs, overwrite=overwrite)
     timings: dict[str, float] = {}
-
     if models is None:
         models = load_models(checkpoints, onnx_model, liver_checkpoints)
         timings["load_model"] = models.seconds
-    members, model, data_options, engine = models.models, models.model, models.data_options, models.engine
-    model_name, model_options, liver_loaded = models.model_name, models.model_options, models.liver
 
     t0 = time.perf_counter()
+    volume, label_note, given_liver = _read_checked(input_path, dicom, models, labels, output_format)
+    timings["read"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    found = _predict_tumour(volume, models, batch=batch, tta=tta, threshold=threshold, device=device,
+                            precision=precision, progress=progress, compile=compile,
+                            save_probabilities=save_probabilities, postprocess=postprocess, timings=timings)
+    timings["inference"] = time.perf_counter() - t0
+    liver = given_liver
+    if labels == "lits" and found.cascade is not None:
+        liver = found.cascade.liver > 0  # predicted liver; tumour lies within 5 mm of it
+    warnings = _case_warnings(volume, found.cascade, models.data_options)
+
+    t0 = time.perf_counter()
+    rows, liver_source = _lesion_rows(volume, found, n_members=len(models.models))
+    summary = _summary(found.tumor, volume.spacing, found.predicted_liver, len(rows))
+    metrics = _case_metrics(volume, found, summary)
+    settings = _settings(models, volume, found, checkpoints=checkpoints, liver_checkpoints=liver_checkpoints,
+                         threshold=threshold, tta=tta, postprocess=postprocess, liver_source=liver_source, batch=batch,
+                         labels=labels, label_note=label_note, output_format=output_format)
+    names = _output_names(metrics is not None, found.cascade is not None, output_format, save_probabilities)
+    if save_probabilities and len(models.models) == 1 and not tta:
+        warnings.append("one member without --tta: tumor_uncertainty.nii.gz is 0 everywhere (the uncertainty "
+                        "is the spread over members and flips); add --tta or more --checkpoint")
+    with atomic_dir(out_dir) as tmp:  # removed on any error or SIGTERM; the user's permissions, not 0700
+        write_output_marker(tmp, "predict")
+        _write_outputs(tmp, names, volume, found, liver, models, threshold=threshold, source=str(input_path),
+                       settings=settings, warnings=warnings, summary=summary, rows=rows, metrics=metrics)
+        # Again: something may have appeared meanwhile.
+        check_output_dir(out_dir, command="predict", inputs=inputs, overwrite=overwrite)
+    timings["write"] = time.perf_counter() - t0
+    return PredictResult(
+        out_dir=out_dir,
+        paths={key: out_dir / name for key, name in names.items()},
+        lesions=rows,
+        metrics=metrics,
+        timings=timings,
+        summary=summary,
+        case_id=volume.case_id,
+        shape=volume.shape,
+        spacing=tuple(float(s) for s in volume.spacing),
+        engine=models.engine,
+        model_name=models.model_name,
+        settings=settings,
+        warnings=warnings,
+        volume=volume,
+        tumor=found.tumor,
+        liver=found.predicted_liver,
+        uncertainty=found.uncertainty if len(models.models) > 1 or tta else None,
+    )
+
+
+def _check_options(labels: str, threshold: float, batch: int, output_format: str) -> float:
+    """Check the plain options of :func:`predict_case`; returns the checked threshold."""
+    if labels not in LABEL_MODES:
+        raise HepasegError(f"--labels: expected one of {', '.join(LABEL_MODES)}, got {labels!r}")
+    threshold = check_threshold(threshold)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise HepasegError(f"--batch: expected a positive integer, got {batch!r}")
+    if output_format not in OUTPUT_FORMATS:
+        raise HepasegError(f"--format: expected one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    return threshold
+
+
+def _read_checked(input_path: Path, dicom: DicomOptions | None, models: LoadedModels, labels: str,
+                  output_format: str) -> tuple[Any, str | None, np.ndarray | None]:
+    """Read the case and check it against the model: (volume, label note, the input's liver for
+    ``labels="lits"`` without a liver stage, else None)."""
     volume, label_note = _read_case(input_path, dicom)
     source = str(input_path)
     if output_format != "nifti":
         _check_seg_output(volume, source)
     check_ct_image(volume.image, source)
-    check_volume_for_model(volume.image, data_options, model=model, source=source)
+    check_volume_for_model(volume.image, models.data_options, model=models.model, source=source)
     liver = None
-    if labels == "lits" and liver_loaded is None:
+    if labels == "lits" and models.liver is None:
         if volume.label is None or not np.any(volume.label > 0):
             raise HepasegError(
                 f"{source}: --labels lits needs a liver mask: expected the input to carry a label map with "
                 "liver (1), got none. Use --labels tumor, or pass a labelled case (LiTS/MSD/3D-IRCADb)"
             )
         liver = volume.label > 0  # liver including tumour
-    timings["read"] = time.perf_counter() - t0
+    return volume, label_note, liver
 
-    t0 = time.perf_counter()
+
+@dataclass
+class _Found:
+    """What the network(s) found in one case, at the scan's resolution (arrays ``(z, y, x)``)."""
+
+    tumor: np.ndarray  # uint8 {0, 1}, post-processed
+    postprocess_info: dict[str, Any]
+    probability: np.ndarray  # float32 tumour probability
+    uncertainty: np.ndarray | None  # float32 spread over members and flips (None: none to spread over)
+    votes: np.ndarray | None  # members voting tumour (None: one member)
+    cascade: Any = None  # CascadeResult with the liver stage, else None
+
+    @property
+    def predicted_liver(self) -> np.ndarray | None:
+        return self.cascade.liver if self.cascade is not None else None
+
+
+def _predict_tumour(volume, models: LoadedModels, *, batch: int, tta: bool, threshold: float, device: str | None,
+                    precision: str, progress: bool, compile: bool, save_probabilities: bool, postprocess: PostProcess,
+                    timings: dict[str, float]) -> _Found:
+    """The tumour of ``volume``: the ensemble (or the liver-first cascade), thresholded and post-processed."""
+    members, data_options, liver_loaded = models.models, models.data_options, models.liver
     cascade = None
     if liver_loaded is None:
         # The spread needs two members or flips (one member without TTA has none: 0 by definition);
@@ -460,12 +540,15 @@ def predict_case(
         )
         raw_tumor = cascade.tumor
         probability, uncertainty, votes = cascade.tumor_probability, cascade.tumor_uncertainty, cascade.tumor_votes
-        if labels == "lits":
-            liver = cascade.liver > 0  # predicted liver; tumour lies within 5 mm of it
         timings.update({f"inference_{k}": v for k, v in cascade.timings.items()})
     predicted_liver = cascade.liver if cascade is not None else None
     tumor, postprocess_info = postprocess_mask(raw_tumor, volume.spacing, postprocess, liver=predicted_liver)
-    timings["inference"] = time.perf_counter() - t0
+    return _Found(tumor=tumor, postprocess_info=postprocess_info, probability=probability, uncertainty=uncertainty,
+                  votes=votes, cascade=cascade)
+
+
+def _case_warnings(volume, cascade, data_options: dict[str, Any]) -> list[str]:
+    """Warnings of the case: odd DICOM images left out, the cascade's, a checkpoint from before reorientation."""
     warnings = list(volume.meta.get("warnings", []))  # odd DICOM images left out of the series
     warnings += list(cascade.warnings) if cascade is not None else []
     geometry = volume.source_geometry
@@ -474,51 +557,66 @@ def predict_case(
             f"the checkpoint was trained on slices prepared before hepaseg sliced every source in one "
             f"orientation, and this {geometry.axcodes} input was reoriented to LPS: re-prepare and re-train"
         )
+    return warnings
 
-    t0 = time.perf_counter()
-    mask = tumor
-    if liver is not None:
-        # Predicted tumour keeps label 2 even outside the given liver: the mask shows what the
-        # network found; it does not silently drop voxels.
-        mask = np.where(tumor > 0, LABEL_TUMOR, np.where(liver, LABEL_LIVER, 0)).astype(np.uint8)
+
+def _lesion_rows(volume, found: _Found, *, n_members: int) -> tuple[list[dict[str, Any]], str | None]:
+    """One row per predicted lesion (size, place, confidence); and where the liver they are placed against
+    came from (None: no liver)."""
+    tumor = found.tumor
     rows = lesion_table(tumor, volume.spacing, volume.affine)
     # The liver the lesions are placed against: the cascade's prediction, else the input's label.
     stats_liver, liver_source = None, None
-    if predicted_liver is not None:
-        stats_liver, liver_source = predicted_liver, "predicted (liver stage)"
+    if found.predicted_liver is not None:
+        stats_liver, liver_source = found.predicted_liver, "predicted (liver stage)"
     elif volume.label is not None and np.any(volume.label > 0):
         stats_liver, liver_source = volume.label > 0, "input label"
-    confidence = lesion_confidence(tumor, volume.spacing, probability=probability, uncertainty=uncertainty,
-                                   votes=votes, n_members=len(members), liver=stats_liver)
+    confidence = lesion_confidence(tumor, volume.spacing, probability=found.probability,
+                                   uncertainty=found.uncertainty, votes=found.votes, n_members=n_members,
+                                   liver=stats_liver)
     assert [c["voxels"] for c in confidence] == [r["voxels"] for r in rows]  # the same lesions, same order
     rows = [{**row, **{k: v for k, v in conf.items() if k != "voxels"}} for row, conf in zip(rows, confidence)]
-    if uncertainty is None:  # one member without TTA: no spread, 0 by definition
+    if found.uncertainty is None:  # one member without TTA: no spread, 0 by definition
         rows = [{**row, "mean_uncertainty": 0.0} for row in rows]
-    summary = _summary(tumor, volume.spacing, predicted_liver, len(rows))
-    target = None if volume.label is None else volume.label == LABEL_TUMOR
-    metrics = None
-    if target is not None:
-        from hepaseg.evaluation import volume_metrics
+    return rows, liver_source
 
-        metrics = {"case_id": volume.case_id, **volume_metrics(tumor > 0, target, volume.spacing)}
-        if cascade is not None:
-            metrics["tumor"] = {k: v for k, v in metrics.items() if k != "case_id"}
-            metrics["liver"] = volume_metrics(cascade.liver > 0, volume.label > 0, volume.spacing)
-        # The same summary for the reference (liver volume and burden beside the cascade's).
-        reference = _summary(target, volume.spacing, volume.label > 0 if cascade is not None else None, 0)
-        metrics["summary"] = {**summary, **{f"reference_{k}": v for k, v in reference.items() if k != "n_lesions"}}
+
+def _case_metrics(volume, found: _Found, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """Volume metrics (mm) of the tumour (and the cascade's liver) against the input's label; None without one."""
+    if volume.label is None:
+        return None
+    from hepaseg.evaluation import volume_metrics
+
+    target = volume.label == LABEL_TUMOR
+    cascade = found.cascade
+    metrics = {"case_id": volume.case_id, **volume_metrics(found.tumor > 0, target, volume.spacing)}
+    if cascade is not None:
+        metrics["tumor"] = {k: v for k, v in metrics.items() if k != "case_id"}
+        metrics["liver"] = volume_metrics(cascade.liver > 0, volume.label > 0, volume.spacing)
+    # The same summary for the reference (liver volume and burden beside the cascade's).
+    reference = _summary(target, volume.spacing, volume.label > 0 if cascade is not None else None, 0)
+    metrics["summary"] = {**summary, **{f"reference_{k}": v for k, v in reference.items() if k != "n_lesions"}}
+    return metrics
+
+
+def _settings(models: LoadedModels, volume, found: _Found, *, checkpoints: list[Path], liver_checkpoints: list[Path],
+              threshold: float, tta: bool, postprocess: PostProcess, liver_source: str | None, batch: int, labels: str,
+              label_note: str | None, output_format: str) -> dict[str, Any]:
+    """Everything that decided this prediction (``lesions.json`` and ``metrics.json`` record it)."""
+    geometry = volume.source_geometry
     settings = {
-        "engine": engine,
-        "model": model_name,
-        "model_options": model_options,
-        "data_options": data_options,
+        "engine": models.engine,
+        "model": models.model_name,
+        "model_options": models.model_options,
+        "data_options": models.data_options,
         "threshold": float(threshold),
         "tta": bool(tta),
-        "checkpoints": [str(c) for c in checkpoints] if engine == "torch" else [],
-        "n_members": len(members),
+        "checkpoints": [str(c) for c in checkpoints] if models.engine == "torch" else [],
+        "n_members": len(models.models),
         "uncertainty": UNCERTAINTY_DEFINITION,
         "postprocess": {"applied": postprocess.describe(),
-                        **{k: v for k, v in postprocess_info.items() if k != "settings"}, **postprocess.as_dict()},
+                        **{k: v for k, v in found.postprocess_info.items() if k != "settings"},
+                        **postprocess.as_dict()},
         "lesion_liver": liver_source,
         "batch": batch,
         "labels": labels,
@@ -530,6 +628,7 @@ def predict_case(
     }
     if "series" in volume.meta:  # DICOM: which series was used, and why
         settings["series"] = {**volume.meta["series"], "choice": volume.meta.get("series_choice")}
+    cascade, liver_loaded = found.cascade, models.liver
     if cascade is not None:
         settings["cascade"] = {
             "liver_checkpoint": str(liver_checkpoints[0]) if len(liver_checkpoints) == 1 else
@@ -545,11 +644,16 @@ def predict_case(
             "tumor_slices": None if cascade.tumor_slices is None else list(cascade.tumor_slices),
             "liver_voxels": int(np.count_nonzero(cascade.liver)),
         }
+    return settings
+
+
+def _output_names(has_metrics: bool, has_cascade: bool, output_format: str, save_probabilities: bool) -> dict[str, str]:
+    """``{key: file name}`` of the outputs this prediction writes."""
     names = {"mask": "tumor_mask.nii.gz", "lesions_csv": "lesions.csv", "lesions_json": "lesions.json",
              "overlay": "overlay.png"}
-    if metrics is not None:
+    if has_metrics:
         names["metrics"] = "metrics.json"
-    if cascade is not None:
+    if has_cascade:
         names["liver_mask"] = "liver_mask.nii.gz"
     if output_format == "dicom-seg":
         names.pop("mask")
@@ -558,58 +662,45 @@ def predict_case(
         names["seg"] = SEG_FILE
     if save_probabilities:
         names.update(tumor_probability=PROBABILITY_FILES[0], tumor_uncertainty=PROBABILITY_FILES[1])
-        if cascade is not None:
+        if has_cascade:
             names["liver_probability"] = PROBABILITY_FILES[2]
-        if len(members) == 1 and not tta:
-            warnings.append("one member without --tta: tumor_uncertainty.nii.gz is 0 everywhere (the uncertainty "
-                            "is the spread over members and flips); add --tta or more --checkpoint")
-    with atomic_dir(out_dir) as tmp:  # removed on any error or SIGTERM; the user's permissions, not 0700
-        write_output_marker(tmp, "predict")
-        if "mask" in names:
-            write_label_nifti(mask, volume, tmp / names["mask"])
-        if "liver_mask" in names:
-            write_label_nifti(cascade.liver, volume, tmp / names["liver_mask"])
-        if "seg" in names:
-            _write_seg(tmp / names["seg"], volume, tumor, None if cascade is None else cascade.liver, models,
-                       threshold)
-        if save_probabilities:
-            write_probability_nifti(probability, volume, tmp / names["tumor_probability"])
-            write_probability_nifti(uncertainty, volume, tmp / names["tumor_uncertainty"])
-            if cascade is not None:
-                write_probability_nifti(cascade.liver_probability, volume, tmp / names["liver_probability"])
-        write_text_atomic(tmp / names["lesions_csv"], lesions_to_csv(rows))
-        write_json_atomic(
-            tmp / names["lesions_json"],
-            json_safe({"case_id": volume.case_id, "source": source, "shape": list(volume.shape),
-                       "spacing_mm": [float(s) for s in volume.spacing], "settings": settings, "warnings": warnings,
-                       "summary": summary, "lesions": rows}),
-        )
-        draw_overlay(volume.image, tumor, tmp / names["overlay"], gt_mask=target, spacing=volume.spacing,
-                     title=volume.case_id)
-        if metrics is not None:
-            write_json_atomic(tmp / names["metrics"], json_safe({**metrics, "settings": settings}))
-        # Again: something may have appeared meanwhile.
-        check_output_dir(out_dir, command="predict", inputs=inputs, overwrite=overwrite)
-    timings["write"] = time.perf_counter() - t0
-    return PredictResult(
-        out_dir=out_dir,
-        paths={key: out_dir / name for key, name in names.items()},
-        lesions=rows,
-        metrics=metrics,
-        timings=timings,
-        summary=summary,
-        case_id=volume.case_id,
-        shape=volume.shape,
-        spacing=tuple(float(s) for s in volume.spacing),
-        engine=engine,
-        model_name=model_name,
-        settings=settings,
-        warnings=warnings,
-        volume=volume,
-        tumor=tumor,
-        liver=None if cascade is None else cascade.liver,
-        uncertainty=uncertainty if len(members) > 1 or tta else None,
+    return names
+
+
+def _write_outputs(tmp: Path, names: dict[str, str], volume, found: _Found, liver: np.ndarray | None,
+                   models: LoadedModels, *, threshold: float, source: str, settings: dict[str, Any],
+                   warnings: list[str], summary: dict[str, Any], rows: list[dict[str, Any]],
+                   metrics: dict[str, Any] | None) -> None:
+    """Write every file of ``names`` into the temporary folder ``tmp`` (renamed onto OUT by the caller)."""
+    tumor, cascade = found.tumor, found.cascade
+    mask = tumor
+    if liver is not None:
+        # Predicted tumour keeps label 2 even outside the given liver: the mask shows what the
+        # network found; it does not silently drop voxels.
+        mask = np.where(tumor > 0, LABEL_TUMOR, np.where(liver, LABEL_LIVER, 0)).astype(np.uint8)
+    if "mask" in names:
+        write_label_nifti(mask, volume, tmp / names["mask"])
+    if "liver_mask" in names:
+        write_label_nifti(cascade.liver, volume, tmp / names["liver_mask"])
+    if "seg" in names:
+        _write_seg(tmp / names["seg"], volume, tumor, None if cascade is None else cascade.liver, models, threshold)
+    if "tumor_probability" in names:
+        write_probability_nifti(found.probability, volume, tmp / names["tumor_probability"])
+        write_probability_nifti(found.uncertainty, volume, tmp / names["tumor_uncertainty"])
+        if cascade is not None:
+            write_probability_nifti(cascade.liver_probability, volume, tmp / names["liver_probability"])
+    write_text_atomic(tmp / names["lesions_csv"], lesions_to_csv(rows))
+    write_json_atomic(
+        tmp / names["lesions_json"],
+        json_safe({"case_id": volume.case_id, "source": source, "shape": list(volume.shape),
+                   "spacing_mm": [float(s) for s in volume.spacing], "settings": settings, "warnings": warnings,
+                   "summary": summary, "lesions": rows}),
     )
+    target = None if volume.label is None else volume.label == LABEL_TUMOR
+    draw_overlay(volume.image, tumor, tmp / names["overlay"], gt_mask=target, spacing=volume.spacing,
+                 title=volume.case_id)
+    if metrics is not None:
+        write_json_atomic(tmp / names["metrics"], json_safe({**metrics, "settings": settings}))
 
 
 def _read_case(path: Path, dicom: DicomOptions | None = None) -> tuple[Any, str | None]:

@@ -2,7 +2,7 @@
 
 Every step is OFF by default (:class:`PostProcess()` changes nothing): which ones help is to be
 decided by measurement on cross-validation (``hepaseg crossval --postprocess ...``, see
-:mod:`hepaseg.inference.crossval_scoring`), as nnU-Net decides its post-processing on its folds.
+:mod:`hepaseg.experiments.crossval_scoring`), as nnU-Net decides its post-processing on its folds.
 The steps, in this order:
 
 1. ``fill_holes``: in every axial slice, background pixels of the tumour mask that no

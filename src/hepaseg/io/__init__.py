@@ -1,6 +1,13 @@
 """Reading and writing CT volumes (LiTS, MSD Task03, 3D-IRCADb, NIfTI, DICOM, MRC)."""
 
-from hepaseg.io.atomic import atomic_dir, atomic_path, replace_dir, write_json_atomic, write_text_atomic
+from hepaseg.io.atomic import (
+    atomic_dir,
+    atomic_path,
+    replace_dir,
+    write_csv_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from hepaseg.io.orientation import CANONICAL_AXCODES, CANONICAL_DESCRIPTION, SourceGeometry, to_canonical
 from hepaseg.io.volume import LABEL_BACKGROUND, LABEL_LIVER, LABEL_TUMOR, Volume
 
@@ -33,6 +40,7 @@ __all__ = [
     "read_volume",
     "write_array_nifti",
     "write_image_nifti",
+    "write_csv_atomic",
     "write_json_atomic",
     "write_label_nifti",
     "write_output_marker",

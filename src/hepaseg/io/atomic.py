@@ -8,17 +8,19 @@ exception the temporary is removed and the destination is left untouched.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
+import math
 import os
 import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_dir", "replace_dir", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "atomic_dir", "replace_dir", "write_csv_atomic", "write_json_atomic", "write_text_atomic"]
 
 
 def _umask() -> int:
@@ -133,6 +135,23 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically and return the path."""
     return write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def write_csv_atomic(path: str | os.PathLike, rows: list[dict[str, Any]], fields: Sequence[str]) -> Path:
+    """Write ``rows`` as CSV with the columns ``fields`` to ``path`` atomically and return the path.
+
+    Missing columns are left empty and extra keys ignored; a NaN float is written as an empty cell and
+    other floats with ``repr`` (every digit, so a table read back compares equal).
+    """
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(fields), restval="", extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({
+                k: ("" if isinstance(v, float) and math.isnan(v) else repr(v) if isinstance(v, float) else v)
+                for k, v in row.items()
+            })
+    return Path(path)
 
 
 def _json_default(obj: Any) -> Any:

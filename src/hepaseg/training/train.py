@@ -34,6 +34,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -76,14 +77,26 @@ __all__ = ["TrainResult", "resolve_config", "train"]
 CONFIG_FORMAT = "hepaseg-train/1"
 
 
-class _NoAdvertising(logging.Filter):
-    """Drop Lightning's "Tip: ... install litlogger" line: advice to install a cloud service, not run info."""
+class _QuietLightning(logging.Filter):
+    """Drop Lightning's console lines that tell a hepaseg user nothing; keep the rest.
+
+    Dropped: the "Tip: ... install litlogger" advertisement; "GPU available: False" / "TPU available: False"
+    (no accelerator on this machine: nothing to act on -- the lines stay when one exists); "Loading
+    `train_dataloader` to estimate number of stepping batches" (an internal step); "`Trainer.fit` stopped:
+    `max_epochs=N` reached" (the summary table already gives the epochs). hepaseg's own ``rank_zero_info``
+    lines ("hepaseg: ...") go through the same logger and are kept.
+    """
+
+    _DROP = re.compile(
+        r"litlogger|^(GPU|TPU) available: False\b|^Loading `train_dataloader` to estimate number of stepping batches"
+        r"|^`Trainer\.fit` stopped: `max_epochs=\d+` reached"
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        return self._DROP.search(record.getMessage()) is None
 
 
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertising())
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_QuietLightning())
 _RUN_FILES = ("config.json", "last.ckpt", "best.ckpt")
 _CHECKPOINTS = ("last.ckpt", "best.ckpt")
 
@@ -450,17 +463,7 @@ def _fit(config: TrainConfig, run: Path, resume_from: Path | None, datamodule: S
             f"hepaseg: resuming {resume_from} (saved after epoch {meta['epoch']}, "
             f"step {meta['step']}); continuing at epoch {meta['epoch'] + 1}"
         )
-    meta = {
-        "model": config.model,
-        "model_options": _resolved_model_options(net, config.model_options),
-        "in_channels": datamodule.in_channels,
-        "num_classes": 1,
-        "base_width": config.width,
-        "data_options": datamodule.data_options,
-        "config": config.to_dict(),
-    }
-    if calibration is not None:
-        meta["synthetic_calibration"] = calibration
+    meta = _checkpoint_meta(config, datamodule, net, calibration)
     if _is_global_zero():
         write_json_atomic(run / "config.json", {"format": CONFIG_FORMAT, **meta})
     module = SegmentationModule(
@@ -475,53 +478,103 @@ def _fit(config: TrainConfig, run: Path, resume_from: Path | None, datamodule: S
         compile=config.compile,
         meta=meta,
     )
+    callbacks = _Callbacks.for_run(config, run, validates=datamodule.has_val)
+    trainer = _build_trainer(config, run, datamodule, callbacks)
+    _fit_until_done_or_sigterm(trainer, module, datamodule, resume_from, callbacks.sigterm, run)
+    stopped_by_time = callbacks.timer is not None and callbacks.timer.time_remaining("train") <= 0
+    if stopped_by_time:
+        # The budget can end mid-epoch, after the last end-of-epoch save: save the state reached.
+        trainer.save_checkpoint(run / "last.ckpt", weights_only=False)
+        rank_zero_info(f"hepaseg: --max-minutes {config.max_minutes} reached; saved {run / 'last.ckpt'}")
+    result = _train_result(config, run, trainer, callbacks, stopped_by_time=stopped_by_time, t0=t0,
+                           run_warnings=run_warnings)
+    if trainer.is_global_zero:
+        write_json_atomic(run / "result.json", result.to_dict())
+    return result
 
-    # Two checkpointers: Lightning's save_last only writes when the monitored metric improves, but
-    # --resume needs the latest epoch every epoch. Without validation slices there is no "best".
-    validates = datamodule.has_val
-    checkpointer = ModelCheckpoint(
-        dirpath=run,
-        filename="best",
-        monitor="val_dice",
-        mode="max",
-        save_top_k=1,
-        enable_version_counter=False,
-        auto_insert_metric_name=False,
-    ) if validates else None
-    last_checkpointer = ModelCheckpoint(
-        dirpath=run,
-        filename="last",
-        monitor=None,
-        save_top_k=1,
-        enable_version_counter=False,
-        auto_insert_metric_name=False,
-    )
-    epoch_timer = _EpochTimer(validates=validates)
-    last = run / "last.ckpt"
-    sigterm = _StopOnSigterm(last)
-    callbacks: list[Callback] = [
-        sigterm,
-        *([checkpointer] if checkpointer is not None else []),
-        last_checkpointer,
-        epoch_timer,
-        DatasetEpoch(),
-        LearningRateMonitor(logging_interval="step"),
-    ]
-    if config.early_stopping_patience:
-        callbacks.append(EarlyStopping(monitor="val_dice", mode="max", patience=config.early_stopping_patience))
-    timer = None
-    if config.max_minutes:
-        timer = Timer(duration={"seconds": config.max_minutes * 60}, interval="step")
-        callbacks.append(timer)
-    show_progress = config.progress_bar and sys.stdout.isatty()
-    if show_progress:
-        callbacks.append(RichProgressBar())
+
+def _on_gpu(config: TrainConfig) -> bool:
+    return config.accelerator in ("gpu", "cuda") or (config.accelerator == "auto" and torch.cuda.is_available())
+
+
+def _checkpoint_meta(config: TrainConfig, datamodule: SliceDataModule, net,
+                     calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """What every checkpoint (and RUN/config.json) records: enough to rebuild the network and its data."""
+    meta = {
+        "model": config.model,
+        "model_options": _resolved_model_options(net, config.model_options),
+        "in_channels": datamodule.in_channels,
+        "num_classes": 1,
+        "base_width": config.width,
+        "data_options": datamodule.data_options,
+        "config": config.to_dict(),
+    }
+    if calibration is not None:
+        meta["synthetic_calibration"] = calibration
+    return meta
+
+
+@dataclass
+class _Callbacks:
+    """The callbacks of one fit, by role (``all`` in the order Lightning runs them)."""
+
+    sigterm: _StopOnSigterm
+    checkpointer: ModelCheckpoint | None  # RUN/best.ckpt by val_dice (None without validation slices)
+    epoch_timer: _EpochTimer
+    timer: Timer | None  # --max-minutes
+    all: list[Callback]
+    show_progress: bool
+
+    @classmethod
+    def for_run(cls, config: TrainConfig, run: Path, *, validates: bool) -> _Callbacks:
+        # Two checkpointers: Lightning's save_last only writes when the monitored metric improves, but
+        # --resume needs the latest epoch every epoch. Without validation slices there is no "best".
+        checkpointer = ModelCheckpoint(
+            dirpath=run,
+            filename="best",
+            monitor="val_dice",
+            mode="max",
+            save_top_k=1,
+            enable_version_counter=False,
+            auto_insert_metric_name=False,
+        ) if validates else None
+        last_checkpointer = ModelCheckpoint(
+            dirpath=run,
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
+            auto_insert_metric_name=False,
+        )
+        epoch_timer = _EpochTimer(validates=validates)
+        sigterm = _StopOnSigterm(run / "last.ckpt")
+        callbacks: list[Callback] = [
+            sigterm,
+            *([checkpointer] if checkpointer is not None else []),
+            last_checkpointer,
+            epoch_timer,
+            DatasetEpoch(),
+            LearningRateMonitor(logging_interval="step"),
+        ]
+        if config.early_stopping_patience:
+            callbacks.append(EarlyStopping(monitor="val_dice", mode="max", patience=config.early_stopping_patience))
+        timer = None
+        if config.max_minutes:
+            timer = Timer(duration={"seconds": config.max_minutes * 60}, interval="step")
+            callbacks.append(timer)
+        show_progress = config.progress_bar and sys.stdout.isatty()
+        if show_progress:
+            callbacks.append(RichProgressBar())
+        return cls(sigterm=sigterm, checkpointer=checkpointer, epoch_timer=epoch_timer, timer=timer, all=callbacks,
+                   show_progress=show_progress)
+
+
+def _build_trainer(config: TrainConfig, run: Path, datamodule: SliceDataModule, callbacks: _Callbacks) -> L.Trainer:
+    """The Lightning ``Trainer`` of ``config``, logging CSV and TensorBoard under RUN/logs."""
     logs = run / "logs"
     loggers = [CSVLogger(logs, name="csv"), TensorBoardLogger(logs, name="tensorboard", default_hp_metric=False)]
-
     steps_per_epoch = max(1, len(datamodule.train_set) // config.batch_size)
-    on_gpu = config.accelerator in ("gpu", "cuda") or (config.accelerator == "auto" and torch.cuda.is_available())
-    trainer = L.Trainer(
+    return L.Trainer(
         default_root_dir=run,
         max_epochs=config.max_epochs,
         precision=config.precision,
@@ -531,23 +584,33 @@ def _fit(config: TrainConfig, run: Path, resume_from: Path | None, datamodule: S
         strategy=config.strategy,
         # Some CUDA kernels (e.g. bilinear upsampling backward) have no deterministic version: warn there
         # instead of failing; CPU kernels are deterministic, so CPU runs repeat exactly.
-        deterministic=("warn" if on_gpu else True) if config.deterministic else False,
-        callbacks=callbacks,
+        deterministic=("warn" if _on_gpu(config) else True) if config.deterministic else False,
+        callbacks=callbacks.all,
         logger=loggers,
         log_every_n_steps=min(50, steps_per_epoch),
-        enable_progress_bar=show_progress,
+        enable_progress_bar=callbacks.show_progress,
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
-        **({} if validates else {"limit_val_batches": 0, "num_sanity_val_steps": 0}),
+        **({} if datamodule.has_val else {"limit_val_batches": 0, "num_sanity_val_steps": 0}),
     )
+
+
+def _fit_until_done_or_sigterm(trainer: L.Trainer, module: SegmentationModule, datamodule: SliceDataModule,
+                               resume_from: Path | None, sigterm: _StopOnSigterm, run: Path) -> None:
+    """``trainer.fit``; after a SIGTERM, make sure RUN/last.ckpt holds the state reached and raise Terminated."""
     with warnings.catch_warnings(), _sigterm_sets(sigterm.event):
         # config.json is written first, so Lightning's "checkpoint directory is not empty" is expected.
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        # Lightning's own pytree helper uses torch's deprecated LeafSpec (lightning/pytorch/utilities/_pytree.py):
+        # a note for Lightning's developers, nothing a hepaseg user can change.
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         except SIGTERMException:  # Lightning's own SIGTERM handling; the callback saved last.ckpt
             sigterm.event.set()
     if sigterm.event.is_set():
+        last = run / "last.ckpt"
         if not sigterm.saved:  # stopped by should_stop: save the state reached
             trainer.save_checkpoint(last, weights_only=False)
         raise Terminated(
@@ -555,15 +618,16 @@ def _fit(config: TrainConfig, run: Path, resume_from: Path | None, datamodule: S
             f"saved {last}. Continue with the same command and --resume"
         )
 
-    stopped_by_time = timer is not None and timer.time_remaining("train") <= 0
-    if stopped_by_time:
-        # The budget can end mid-epoch, after the last end-of-epoch save: save the state reached.
-        trainer.save_checkpoint(last, weights_only=False)
-        rank_zero_info(f"hepaseg: --max-minutes {config.max_minutes} reached; saved {last}")
+
+def _train_result(config: TrainConfig, run: Path, trainer: L.Trainer, callbacks: _Callbacks, *,
+                  stopped_by_time: bool, t0: float, run_warnings: list[str]) -> TrainResult:
+    """What the fit did, from the trainer and the timing callbacks."""
+    checkpointer, epoch_timer = callbacks.checkpointer, callbacks.epoch_timer
     best_score = checkpointer.best_model_score if checkpointer is not None else None
     best_val = float(best_score) if best_score is not None and math.isfinite(float(best_score)) else None
-    best = run / "best.ckpt"
-    result = TrainResult(
+    best, last = run / "best.ckpt", run / "last.ckpt"
+    durations, steps = epoch_timer.durations, epoch_timer.step_seconds
+    return TrainResult(
         run_dir=run,
         best_checkpoint=best if best.is_file() else None,
         last_checkpoint=last if last.is_file() else None,
@@ -571,19 +635,16 @@ def _fit(config: TrainConfig, run: Path, resume_from: Path | None, datamodule: S
         epochs=int(trainer.current_epoch),
         steps=int(trainer.global_step),
         wall_seconds=time.perf_counter() - t0,
-        seconds_per_epoch=(sum(epoch_timer.durations) / len(epoch_timer.durations)) if epoch_timer.durations else None,
+        seconds_per_epoch=(sum(durations) / len(durations)) if durations else None,
         stopped_by_time=stopped_by_time,
-        epoch_seconds=list(epoch_timer.durations),
+        epoch_seconds=list(durations),
         steps_per_second=(
-            (int(trainer.global_step) - epoch_timer.first_step) / sum(epoch_timer.durations)
-            if epoch_timer.durations and epoch_timer.first_step is not None
+            (int(trainer.global_step) - epoch_timer.first_step) / sum(durations)
+            if durations and epoch_timer.first_step is not None
             else None
         ),
-        peak_gpu_memory_bytes=int(torch.cuda.max_memory_allocated()) if on_gpu else None,
+        peak_gpu_memory_bytes=int(torch.cuda.max_memory_allocated()) if _on_gpu(config) else None,
         warnings=run_warnings,
-        first_step_seconds=epoch_timer.step_seconds[0] if epoch_timer.step_seconds else None,
-        median_step_seconds=statistics.median(epoch_timer.step_seconds[1:]) if epoch_timer.step_seconds[1:] else None,
+        first_step_seconds=steps[0] if steps else None,
+        median_step_seconds=statistics.median(steps[1:]) if steps[1:] else None,
     )
-    if trainer.is_global_zero:
-        write_json_atomic(run / "result.json", result.to_dict())
-    return result

@@ -328,7 +328,7 @@ def find_ircadb() -> Path | None:
     candidates = []
     if os.environ.get("HEPASEG_SHARED_DATA"):
         candidates.append(Path(os.environ["HEPASEG_SHARED_DATA"]))
-    repo_root = Path(__file__).resolve().parents[3]  # src/hepaseg/inference/benchmark.py -> repo
+    repo_root = Path(__file__).resolve().parents[3]  # src/hepaseg/experiments/benchmark.py -> repo
     candidates += [repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
     for root in candidates:
         if (root / "3Dircadb1.1").is_dir():

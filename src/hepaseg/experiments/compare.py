@@ -63,7 +63,7 @@ from hepaseg.evaluation.ensemble import write_ensemble_list
 from hepaseg.evaluation.evaluate import evaluate_checkpoint, json_safe
 from hepaseg.evaluation.metrics import SLICE_METRICS
 from hepaseg.evaluation.report import table1_markdown
-from hepaseg.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+from hepaseg.io.atomic import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
 from hepaseg.io.claims import Claim, claim_owner, run_claimed
 from hepaseg.io.outputs import check_output_dir, write_output_marker
 
@@ -223,18 +223,6 @@ def wilcoxon_vs(reference: Mapping[tuple, float], other: Mapping[tuple, float]) 
     res = wilcoxon(a, b, alternative="two-sided")
     note = "" if out["n_nonzero"] >= 10 else "fewer than 10 non-zero differences: low power"
     return {**out, "statistic": float(res.statistic), "p_value": float(res.pvalue), "note": note}
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(fields), restval="", extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({
-                k: ("" if isinstance(v, float) and math.isnan(v) else repr(v) if isinstance(v, float) else v)
-                for k, v in row.items()
-            })
-    return path
 
 
 def _read_slice_dice(path: Path) -> dict[tuple[str, int], float]:
@@ -665,9 +653,9 @@ def _collect(setup: _Setup, *, timing_repeats: int, say, trained, t_start: float
     metric_cols = [k for m in SLICE_METRICS for k in (m, f"{m}_sd")] + ["f1", "f1_mean_per_slice", "n_slices"]
     run_cols = ["model", "seed", *metric_cols, "params", "cpu_ms_per_slice", "epochs", "best_val_dice",
                 "stopped_by_time", "train_wall_s", "checkpoint"]
-    paths["results"] = _write_csv(out / "results.csv", runs, run_cols)
+    paths["results"] = write_csv_atomic(out / "results.csv", runs, run_cols)
     test_cols = ["reference", "baseline", "n", "n_nonzero", "median_diff", "statistic", "p_value", "note"]
-    paths["wilcoxon"] = _write_csv(out / "wilcoxon.csv", tests, test_cols)
+    paths["wilcoxon"] = write_csv_atomic(out / "wilcoxon.csv", tests, test_cols)
     paths["boxplot"] = _boxplot(out / "dice_boxplot.png", dice_by_model, seeds)
     wall = time.perf_counter() - t_start
     table = _table_markdown(names, seeds, runs, params, cpu_ms, tests, setup.protocol, setup.manifest, setup.data,

@@ -14,7 +14,7 @@ its post-processing on its folds. For every held-out patient (fold) and tumour m
   liver) cached in ``OUT/scoring/<fold>/<model>/<variant>[-tta].npz`` (recomputed when a
   checkpoint changed), then each post-processing setting (:class:`~hepaseg.inference.postprocess.
   PostProcess`, always including ``none``) is applied to that mask and scored with
-  :func:`hepaseg.inference.crossval.case_metrics`: 3D Dice, lesion recall by diameter bin,
+  :func:`hepaseg.experiments.crossval.case_metrics`: 3D Dice, lesion recall by diameter bin,
   false-positive lesions per volume.
 
 Outputs: ``OUT/postprocess.csv`` (one row per fold x model x variant x TTA x setting) and
@@ -36,11 +36,10 @@ from typing import Any
 import numpy as np
 
 from hepaseg.errors import HepasegError
-from hepaseg.evaluation.compare import _write_csv
 from hepaseg.evaluation.detection import DIAMETER_BINS
-from hepaseg.inference.crossval import _BIN_KEYS, _MARKER, _safe_name, case_metrics
+from hepaseg.experiments.crossval import _BIN_KEYS, _MARKER, _safe_name, case_metrics
 from hepaseg.inference.postprocess import PostProcess, postprocess_mask
-from hepaseg.io.atomic import atomic_path, write_text_atomic
+from hepaseg.io.atomic import atomic_path, write_csv_atomic, write_text_atomic
 
 __all__ = ["SCORING_CSV_COLUMNS", "ScoringResult", "parse_settings", "score_crossval"]
 
@@ -139,8 +138,8 @@ def score_crossval(
             (``min_liver_fraction`` needs the cascade).
     """
     from hepaseg.data import read_manifest
+    from hepaseg.experiments.crossval import _read_held_out
     from hepaseg.inference.cascade import predict_cascade
-    from hepaseg.inference.crossval import _read_held_out
     from hepaseg.inference.ensemble import load_ensemble, predict_ensemble
 
     t_start = time.perf_counter()
@@ -217,7 +216,7 @@ def score_crossval(
                     })
         del volume
 
-    paths = {"csv": _write_csv(out / "postprocess.csv", rows, SCORING_CSV_COLUMNS)}
+    paths = {"csv": write_csv_atomic(out / "postprocess.csv", rows, SCORING_CSV_COLUMNS)}
     table = _table(rows, models, folds, seeds, chosen, tta, cascade, protocol, time.perf_counter() - t_start,
                    len(predicted))
     paths["table"] = write_text_atomic(out / "postprocess.md", table)

@@ -92,20 +92,19 @@ from typing import Any
 import numpy as np
 
 from hepaseg.errors import HepasegError
-from hepaseg.evaluation.compare import (
+from hepaseg.evaluation.detection import DIAMETER_BINS, fp_slice_rate, lesion_detection, tumor_free_liver_slices
+from hepaseg.evaluation.evaluate import check_threshold, json_safe
+from hepaseg.evaluation.metrics import volume_metrics
+from hepaseg.experiments.compare import (
     CLAIMS_DIR,
     PLAN_FILE,
     _check_protocol,
-    _write_csv,
     parse_models,
     read_plan,
     run_plan,
 )
-from hepaseg.evaluation.detection import DIAMETER_BINS, fp_slice_rate, lesion_detection, tumor_free_liver_slices
-from hepaseg.evaluation.evaluate import check_threshold, json_safe
-from hepaseg.evaluation.metrics import volume_metrics
 from hepaseg.io import find_cases
-from hepaseg.io.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from hepaseg.io.atomic import atomic_dir, write_csv_atomic, write_json_atomic, write_text_atomic
 from hepaseg.io.claims import Claim, run_claimed
 from hepaseg.io.outputs import check_output_dir, write_output_marker
 from hepaseg.io.readers import DicomOptions
@@ -721,8 +720,8 @@ def _cv_collect(setup: _CvSetup, trained: list[tuple[str, str, int]], t_start: f
         for name in names
     }
     paths = {
-        "csv": _write_csv(out / "crossval.csv", rows, CROSSVAL_CSV_COLUMNS),
-        "lesions": _write_csv(out / "lesions.csv", lesions, LESION_CSV_COLUMNS),
+        "csv": write_csv_atomic(out / "crossval.csv", rows, CROSSVAL_CSV_COLUMNS),
+        "lesions": write_csv_atomic(out / "lesions.csv", lesions, LESION_CSV_COLUMNS),
     }
     if not missing:  # an ensemble list of part of the folds would pass for the whole
         paths.update(_write_ensembles(out, names, setup.folds, seeds, rows,
@@ -761,7 +760,7 @@ def crossval_plan(sources, out, **options) -> list[dict[str, Any]]:
 def crossval_run(sources, out, *, run_index: int | None = None, **options) -> dict[str, list]:
     """Run plan entry ``run_index`` of ``OUT/plan.json`` (one array task), or with ``run_index=None``
     every entry no live worker holds (a local worker); each run claimed (see
-    :func:`hepaseg.evaluation.compare.compare_run`). Keyword options as :func:`crossval`, matching
+    :func:`hepaseg.experiments.compare.compare_run`). Keyword options as :func:`crossval`, matching
     ``--plan``'s. Returns ``{"ran": [ids], "done": [ids], "held": [ids]}``."""
     if not (Path(out) / PLAN_FILE).is_file():  # before _cv_setup, which would prepare the data itself
         read_plan(out, "crossval", [])
