@@ -185,6 +185,24 @@ def test_a_changed_protocol_is_refused(done, tmp_path):
         crossval([src], copy, **{**OPTIONS, "width": 8})
 
 
+def test_a_folder_from_before_a_new_training_field_resumes_while_that_field_is_at_its_default(
+        done, tmp_path, monkeypatch):
+    # A crossval folder written by a hepaseg that did not know liver_enhancement / synthetic_families
+    # (fields added later, whose defaults train as before) must resume after an upgrade, not fail.
+    src, out, result, _ = done
+    copy = tmp_path / "cv"
+    shutil.copytree(out, copy)
+    protocol = json.loads((copy / "protocol.json").read_text())
+    for name in ("liver_enhancement", "liver_enhancement_hu", "synthetic_families"):
+        del protocol["train"][name]
+    (copy / "protocol.json").write_text(json.dumps(protocol))
+    resumed, calls = _run(src, copy, monkeypatch)
+    assert calls == [] and [r["dice"] for r in resumed.rows] == pytest.approx([r["dice"] for r in result.rows])
+    # The same field set to anything but its default is a different protocol.
+    with pytest.raises(HepasegError, match="train differs"):
+        crossval([src], copy, **{**OPTIONS, "train_options": {**OPTIONS["train_options"], "liver_enhancement": 0.5}})
+
+
 def test_cascade_with_synthetic_tumours_and_nnunet_augmentation(done, tmp_path, monkeypatch):
     src = done[0]
     out = tmp_path / "cv"

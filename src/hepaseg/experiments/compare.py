@@ -241,10 +241,42 @@ def _run_state(run: Path, eval_dir: Path) -> str:
     return "new"
 
 
+def _train_defaults() -> dict[str, Any]:
+    """Every :class:`~hepaseg.training.TrainConfig` field's default, JSON-ready (as protocols store them)."""
+    from hepaseg.training import TrainConfig
+
+    defaults = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return json_safe(defaults)
+
+
+def _with_later_fields(saved: dict[str, Any], protocol: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the training fields that a later hepaseg added filled in, where this call
+    leaves them at their default.
+
+    A field added after ``saved`` was written did not exist for its runs; at its default it
+    trains exactly as they did (that is how fields are added), so an upgrade does not block
+    resuming. A field this call sets to anything else still differs.
+    """
+    defaults = _train_defaults()
+    saved = copy.deepcopy(saved)
+    for key in ("train", "liver_train"):
+        old, new = saved.get(key), protocol.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for name, value in new.items():
+                if name not in old and name in defaults and value == defaults[name]:
+                    old[name] = value
+    return saved
+
+
 def _check_protocol(out: Path, protocol: dict[str, Any]) -> None:
     path = out / "protocol.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = _with_later_fields(json.loads(path.read_text()), protocol)
         diffs = [k for k in sorted(set(saved) | set(protocol)) if saved.get(k) != protocol.get(k)]
         if diffs:
             k = diffs[0]
