@@ -347,3 +347,34 @@ def test_lightning_filter_keeps_accelerator_lines_when_there_is_one():
     assert kept("GPU available: True (cuda), used: True") and kept("TPU available: True, using: 8 TPU cores")
     assert not kept("Loading `train_dataloader` to estimate number of stepping batches.")
     assert kept("hepaseg: resuming RUN/last.ckpt (saved after epoch 3, step 9); continuing at epoch 4")
+
+
+def test_a_checkpoint_from_before_resolved_options_rebuilds_with_the_defaults_of_its_time(tiny_data, tmp_path):
+    # MFCNet's channel_form default moved from "danet" to the slides' form (issue 13). Checkpoints
+    # written before options were recorded resolved name no channel_form: they were trained with
+    # "danet" and must load, predict and resume as such (models.registry legacy_options).
+    from hepaseg.models import build_model
+    from hepaseg.training import load_checkpoint
+
+    run = tmp_path / "run"
+    train(_config(tiny_data, run, model="mfcnet", max_epochs=1, model_options={"channel_form": "danet"}))
+    ckpt = torch.load(run / "last.ckpt", weights_only=True)
+    assert ckpt["hepaseg"]["model_options"]["channel_form"] == "danet"  # recorded resolved
+    assert build_model("mfcnet", base_width=4).architecture_options()["channel_form"] == "slides"  # today's default
+    ckpt["hepaseg"]["model_options"] = {}  # as an older hepaseg wrote it: only the options given
+    torch.save(ckpt, run / "last.ckpt")
+
+    loaded = load_checkpoint(run / "last.ckpt")
+    assert loaded.model_options == {"channel_form": "danet"}
+    assert {block.channel.form for block in loaded.model.context.values()} == {"danet"}
+    x = torch.rand(2, loaded.in_channels, 32, 32)
+    danet = build_model("mfcnet", in_channels=loaded.in_channels, base_width=4, channel_form="danet").eval()
+    danet.load_state_dict(loaded.model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), danet(x))  # (that the two forms differ: test_mfcnet)
+
+    with pytest.raises(HepasegError, match="different model_options"):  # today's default is not what it trained
+        train(_config(tiny_data, run, model="mfcnet", max_epochs=2, resume=True))
+    resumed = train(_config(tiny_data, run, model="mfcnet", max_epochs=2, resume=True,
+                            model_options={"channel_form": "danet"}))
+    assert resumed.epochs == 2

@@ -7,8 +7,9 @@ keyword-only arguments ``in_channels``, ``num_classes`` and ``base_width``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch.nn as nn
 
@@ -25,13 +26,21 @@ class ModelInfo:
     factory: Callable[..., nn.Module]
     paper: str  # "Author et al., Venue Year"
     module: str  # one line on the defining module
+    # Options a checkpoint from before hepaseg recorded resolved options was built with, where today's
+    # default differs (applied by load_checkpoint to options such a checkpoint does not name).
+    legacy_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
-def register_model(*, paper: str, module: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_model(
+    *, paper: str, module: str, legacy_options: Mapping[str, Any] | None = None
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register a factory under its function name.
+
+    ``legacy_options``: when a default changes, the value the old default had, so that
+    checkpoints written before options were recorded resolved still rebuild as trained.
 
     Example::
 
@@ -43,7 +52,8 @@ def register_model(*, paper: str, module: str) -> Callable[[Callable[..., nn.Mod
         name = factory.__name__
         if name in _REGISTRY:
             raise RuntimeError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelInfo(name=name, factory=factory, paper=paper, module=module)
+        _REGISTRY[name] = ModelInfo(name=name, factory=factory, paper=paper, module=module,
+                                    legacy_options=dict(legacy_options or {}))
         return factory
 
     return decorator

@@ -101,6 +101,23 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
+def checkpoint_model_options(meta: dict[str, Any]) -> dict[str, Any]:
+    """The architecture options a checkpoint's network was trained with.
+
+    Checkpoints record every resolved option; older ones only the options given, and for
+    those the model's ``legacy_options`` (the defaults of that time where today's differ,
+    e.g. MFCNet's DANet channel form) fill the options they do not name.
+    """
+    from hepaseg.models import model_info  # models is the stage above training
+
+    options = dict(meta.get("model_options") or {})
+    try:
+        legacy = model_info(meta["model"]).legacy_options
+    except (HepasegError, KeyError):
+        return options  # build_model reports the unknown model with the checkpoint's path
+    return {**legacy, **options}
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> LoadedModel:
     """Rebuild the trained network from ``path`` alone (weights-only loading, no Lightning needed).
 
@@ -120,7 +137,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> LoadedModel:
             in_channels=int(meta["in_channels"]),
             num_classes=int(meta["num_classes"]),
             base_width=int(meta["base_width"]),
-            **meta.get("model_options", {}),
+            **checkpoint_model_options(meta),
         )
     except HepasegError as exc:
         raise HepasegError(f"{path}: {exc}") from None
@@ -137,7 +154,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> LoadedModel:
     return LoadedModel(
         model=model,
         model_name=meta["model"],
-        model_options=dict(meta.get("model_options", {})),
+        model_options=checkpoint_model_options(meta),
         data_options=dict(meta.get("data_options", {})),
         metrics=dict(meta.get("metrics", {})),
         version=str(meta.get("version", "unknown")),

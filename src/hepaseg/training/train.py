@@ -66,7 +66,7 @@ from hepaseg.data.prepare import read_manifest
 from hepaseg.errors import HepasegError, Terminated
 from hepaseg.io.atomic import write_json_atomic
 from hepaseg.io.outputs import check_apart_from_inputs, check_output_dir, read_output_marker, write_output_marker
-from hepaseg.training.checkpoint import AtomicCheckpointIO, read_checkpoint
+from hepaseg.training.checkpoint import AtomicCheckpointIO, checkpoint_model_options, read_checkpoint
 from hepaseg.training.config import TrainConfig
 from hepaseg.training.datamodule import DatasetEpoch, SliceDataModule
 from hepaseg.training.losses import build_loss
@@ -288,11 +288,15 @@ def _resolved_model_options(net: Any, given: dict[str, Any]) -> dict[str, Any]:
 def _check_resume_matches(path: Path, config: TrainConfig, net: Any) -> dict[str, Any]:
     meta = read_checkpoint(path)["hepaseg"]
     options = _resolved_model_options(net, config.model_options)
-    if meta.get("model_options") == config.model_options:
-        options = config.model_options  # a checkpoint from before options were recorded resolved
+    then_options = meta.get("model_options")
+    if set(then_options or {}) != set(options):
+        # A checkpoint from before options were recorded resolved: compare what it names, plus the
+        # defaults of its time where today's differ (legacy_options), with what this run builds.
+        then_options = checkpoint_model_options(meta)
+        options = {k: options.get(k) for k in then_options}
     for key, then, now in (("model", meta.get("model"), config.model),
                            ("base_width", meta.get("base_width"), config.width),
-                           ("model_options", meta.get("model_options"), options)):
+                           ("model_options", then_options, options)):
         if then != now:
             raise HepasegError(
                 f"{path}: --resume with a different {key}: expected {then!r} "
