@@ -324,42 +324,18 @@ def evaluate_checkpoint(
         result = evaluate_checkpoint("runs/mfcnet/best.ckpt", "prepared")
         result.summary["dice"], result.summary["f1"]
     """
-    from hepaseg.training import load_checkpoint  # training sits above evaluation in the chain
-
     t_start = time.perf_counter()
-    # HepasegError, not ValueError: these come straight from the command line.
-    if split not in SPLITS:
-        raise HepasegError(f"--split: invalid value: expected one of {', '.join(SPLITS)}, got {split!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise HepasegError(f"--batch: invalid value: expected a positive integer, got {batch!r}")
-    threshold = check_threshold(threshold)
-    members = [Path(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else [Path(c) for c in checkpoint]
-    if not members:
-        raise HepasegError("--checkpoint: expected at least one checkpoint from `hepaseg train`, got none")
+    threshold, members = _check_options(checkpoint, split=split, batch=batch, threshold=threshold)
     checkpoint, data = members[0], Path(data)
     default = f"eval-{split}" if len(members) == 1 else f"eval-{split}-ensemble"
     out_dir = Path(out) if out is not None else checkpoint.parent / default
     if write:  # before any work: an earlier evaluate output is updated, anything else refused
         check_output_dir(out_dir, command="evaluate", inputs=[*members, data], reuse=True)
-    if not data.is_dir():
-        raise HepasegError(f"{data}: data directory not found: expected a directory written by "
-                           "`hepaseg prepare`. Check --data or run `hepaseg prepare SOURCES --out DIR`")
-    manifest = read_manifest(data)
-    all_loaded = [load_checkpoint(c) for c in members]
-    check_members([m.data_options for m in all_loaded], [str(c) for c in members])
+    manifest, all_loaded = _load(data, members)
     loaded = all_loaded[0]
-    check_data_options(manifest["options"], loaded.data_options, data=data, checkpoint=checkpoint)
     target = loaded.data_options.get("target") or "tumor"
     dataset = SliceDataset(data, split, augment=False, target=target)
-
-    labelled = {c["id"]: bool(c.get("has_label", True)) for c in manifest["cases"]}
-    skipped = [cid for cid in dataset.case_ids if not labelled.get(cid, True)]
-    keep = [i for i, (cid, _) in enumerate(dataset.slice_keys) if labelled.get(cid, True)]
-    if not keep:
-        raise HepasegError(
-            f"{data / 'manifest.json'}: split {split!r} has no labelled slices: expected cases with "
-            f"has_label true, got only unlabelled ones ({', '.join(skipped)}). Evaluate on labelled data"
-        )
+    keep, skipped = _labelled_slices(manifest, dataset, data=data, split=split)
     t_loaded = time.perf_counter()
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -391,15 +367,7 @@ def evaluate_checkpoint(
             "total": t_metrics - t_start,  # updated after writing
             "ms_per_slice": 1000.0 * forward_s / len(rows),
         },
-        checkpoint_info={
-            "model": loaded.model_name,
-            "model_options": loaded.model_options,
-            "base_width": loaded.base_width,
-            "in_channels": loaded.in_channels,
-            "data_options": loaded.data_options,
-            "metrics": loaded.metrics,
-            "version": loaded.version,
-        },
+        checkpoint_info=_checkpoint_info(loaded),
         options={"batch": batch, "device": str(dev), "precision": "fp32", "target": target, "tta": bool(tta),
                  "n_members": len(members),
                  "data_options": {k: manifest["options"].get(k) for k in (*_MATCHED_OPTIONS, "slices")}},
@@ -414,6 +382,61 @@ def evaluate_checkpoint(
         write_json_atomic(out_dir / "metrics.json", result.to_json())
         result.paths["metrics"] = out_dir / "metrics.json"
     return result
+
+
+def _check_options(checkpoint, *, split: str, batch: int, threshold: float) -> tuple[float, list[Path]]:
+    """The checked (threshold, member checkpoints), before any work."""
+    # HepasegError, not ValueError: these come straight from the command line.
+    if split not in SPLITS:
+        raise HepasegError(f"--split: invalid value: expected one of {', '.join(SPLITS)}, got {split!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise HepasegError(f"--batch: invalid value: expected a positive integer, got {batch!r}")
+    threshold = check_threshold(threshold)
+    members = [Path(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else [Path(c) for c in checkpoint]
+    if not members:
+        raise HepasegError("--checkpoint: expected at least one checkpoint from `hepaseg train`, got none")
+    return threshold, members
+
+
+def _load(data: Path, members: list[Path]) -> tuple[dict[str, Any], list[Any]]:
+    """(manifest, loaded members): the members share data options, which match the dataset's."""
+    from hepaseg.training import load_checkpoint  # training sits above evaluation in the chain
+
+    if not data.is_dir():
+        raise HepasegError(f"{data}: data directory not found: expected a directory written by "
+                           "`hepaseg prepare`. Check --data or run `hepaseg prepare SOURCES --out DIR`")
+    manifest = read_manifest(data)
+    all_loaded = [load_checkpoint(c) for c in members]
+    check_members([m.data_options for m in all_loaded], [str(c) for c in members])
+    check_data_options(manifest["options"], all_loaded[0].data_options, data=data, checkpoint=members[0])
+    return manifest, all_loaded
+
+
+def _labelled_slices(manifest: Mapping[str, Any], dataset: SliceDataset, *, data: Path,
+                     split: str) -> tuple[list[int], list[str]]:
+    """(indices of the dataset's slices whose case has a label, ids of the unlabelled cases skipped)."""
+    labelled = {c["id"]: bool(c.get("has_label", True)) for c in manifest["cases"]}
+    skipped = [cid for cid in dataset.case_ids if not labelled.get(cid, True)]
+    keep = [i for i, (cid, _) in enumerate(dataset.slice_keys) if labelled.get(cid, True)]
+    if not keep:
+        raise HepasegError(
+            f"{data / 'manifest.json'}: split {split!r} has no labelled slices: expected cases with "
+            f"has_label true, got only unlabelled ones ({', '.join(skipped)}). Evaluate on labelled data"
+        )
+    return keep, skipped
+
+
+def _checkpoint_info(loaded) -> dict[str, Any]:
+    """The checkpoint's model and training record, for ``metrics.json``."""
+    return {
+        "model": loaded.model_name,
+        "model_options": loaded.model_options,
+        "base_width": loaded.base_width,
+        "in_channels": loaded.in_channels,
+        "data_options": loaded.data_options,
+        "metrics": loaded.metrics,
+        "version": loaded.version,
+    }
 
 
 def _write_outputs(result: EvaluationResult, out_dir: Path) -> None:

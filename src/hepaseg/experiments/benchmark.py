@@ -711,26 +711,13 @@ def run_benchmark(
     Raises:
         HepasegError: an unknown model name or a non-positive setting.
     """
-    from hepaseg.models import list_models, model_info
-
-    checks = [("--width", width), ("--size", size), ("--batch", batch), ("--repeats", repeats),
-              ("predict_width", predict_width), *(("--ratio-widths", w) for w in ratio_widths)]
-    if threads is not None:
-        checks.append(("--threads", threads))
-    for name, value in checks:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise HepasegError(f"{name}: expected a positive integer, got {value!r}")
-    if clock not in CLOCKS:
-        raise HepasegError(f"--clock: expected {' or '.join(CLOCKS)}, got {clock!r}")
+    _check_settings(width=width, size=size, batch=batch, repeats=repeats, predict_width=predict_width,
+                    ratio_widths=ratio_widths, threads=threads, clock=clock)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        names = list(list_models()) if models is None else [str(m) for m in models]
-        if not names:
-            raise HepasegError("--models: expected at least one model name (or all), got none")
-        for name in names:
-            model_info(name)  # unknown names raise listing the valid ones
+        names = _model_names(models)
         say = log or (lambda _line: None)
         default_device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device) if device is not None else torch.device(default_device)
@@ -755,49 +742,95 @@ def run_benchmark(
         rows = _bench_models(names, width=width, size=size, batch=batch, repeats=repeats, warmup=warmup, device=dev,
                              clock=clock)
         result["models"] = rows
-        by_name = {row["name"]: row for row in rows}
-        if "mfcnet" in by_name and "unet" in by_name:
-            m, u = by_name["mfcnet"], by_name["unet"]
-            result["ratios"] = {"mfcnet_over_unet": {
-                "params": m["params"] / u["params"],
-                "gflops": m["gflops"] / u["gflops"],
-                **_ratio_row(m, u),
-                "peak_memory": _ratio(m["peak_memory_mb"], u["peak_memory_mb"]),
-            }}
-        else:
-            result["ratios"] = {"mfcnet_over_unet": None, "note": "needs both mfcnet and unet in --models"}
-        by_width = []
-        for w in ratio_widths:
-            say(f"mfcnet and unet at width {w} ({size} x {size}, batch {batch}; inference and training step)")
-            times = _time_networks(("unet", "mfcnet"), width=w, size=size, batch=batch, repeats=repeats, warmup=warmup,
-                                   device=dev, clock=clock)
-            by_width.append({"width": w, "unet": times["unet"], "mfcnet": times["mfcnet"],
-                             "mfcnet_over_unet": _ratio_row(times["mfcnet"], times["unet"])})
-        result["ratios"]["by_width"] = by_width
+        result["ratios"] = _mfcnet_over_unet(rows)
+        result["ratios"]["by_width"] = _ratios_by_width(ratio_widths, size=size, batch=batch, repeats=repeats,
+                                                        warmup=warmup, device=dev, clock=clock, say=say)
 
         spatial, channels, att_batch = attention
         say(f"spatial context: chunked vs sdpa vs naive at {spatial} x {spatial} x {channels}, batch {att_batch}")
         result["attention"] = _bench_attention(spatial, channels, att_batch, repeats=repeats, warmup=warmup,
                                                device=dev, clock=clock)
-        with tempfile.TemporaryDirectory(prefix="hepaseg-benchmark-") as tmp:
-            work = Path(tmp)
-            say(f"prepare: phantom {prepare_shape[0]} x {prepare_shape[1]} x {prepare_shape[2]} at {size}")
-            result["prepare"] = _bench_prepare(tuple(prepare_shape), size, work)
-            multi_shape = tuple(prepare_shape)
-            say(f"prepare: {PREPARE_CASES} phantoms {' x '.join(map(str, multi_shape))} with 1 and 2 workers")
-            result["prepare_workers"] = _bench_prepare_workers(PREPARE_CASES, multi_shape, size, work)
-            volume = "3D-IRCADb-sized volume" if predict_shape is None else f"phantom {predict_shape}"
-            say(f"predict: untrained width-{predict_width} mfcnet, {volume}")
-            result["predict"] = _bench_predict(
-                None if predict_shape is None else tuple(predict_shape), size=size, batch=batch, width=predict_width,
-                device=dev, work=work,
-            )
-            write_shape = tuple(predict_shape) if predict_shape is not None else IRCADB_SHAPE
-            say(f"write step: speckled mask on a phantom {write_shape}")
-            result["write"] = _bench_write(write_shape, work)
+        result.update(_bench_pipeline(prepare_shape, predict_shape, size=size, batch=batch,
+                                      predict_width=predict_width, device=dev, say=say))
         return result
     finally:
         torch.set_num_threads(previous_threads)  # a library call leaves the process as it found it
+
+
+def _check_settings(*, width: int, size: int, batch: int, repeats: int, predict_width: int,
+                    ratio_widths: Sequence[int], threads: int | None, clock: str) -> None:
+    """One-line errors for a non-positive setting or an unknown clock, before any work."""
+    checks = [("--width", width), ("--size", size), ("--batch", batch), ("--repeats", repeats),
+              ("predict_width", predict_width), *(("--ratio-widths", w) for w in ratio_widths)]
+    if threads is not None:
+        checks.append(("--threads", threads))
+    for name, value in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise HepasegError(f"{name}: expected a positive integer, got {value!r}")
+    if clock not in CLOCKS:
+        raise HepasegError(f"--clock: expected {' or '.join(CLOCKS)}, got {clock!r}")
+
+
+def _model_names(models: Sequence[str] | None) -> list[str]:
+    """The registry names to measure (default every registered one); an unknown name lists the valid ones."""
+    from hepaseg.models import list_models, model_info
+
+    names = list(list_models()) if models is None else [str(m) for m in models]
+    if not names:
+        raise HepasegError("--models: expected at least one model name (or all), got none")
+    for name in names:
+        model_info(name)  # unknown names raise listing the valid ones
+    return names
+
+
+def _mfcnet_over_unet(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``result["ratios"]`` (before ``by_width``): mfcnet's row over unet's, or a note when one is missing."""
+    by_name = {row["name"]: row for row in rows}
+    if "mfcnet" not in by_name or "unet" not in by_name:
+        return {"mfcnet_over_unet": None, "note": "needs both mfcnet and unet in --models"}
+    m, u = by_name["mfcnet"], by_name["unet"]
+    return {"mfcnet_over_unet": {
+        "params": m["params"] / u["params"],
+        "gflops": m["gflops"] / u["gflops"],
+        **_ratio_row(m, u),
+        "peak_memory": _ratio(m["peak_memory_mb"], u["peak_memory_mb"]),
+    }}
+
+
+def _ratios_by_width(ratio_widths: Sequence[int], *, size: int, batch: int, repeats: int, warmup: int,
+                     device: torch.device, clock: str, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """mfcnet and unet timed (interleaved) at each further width, with their ratios."""
+    by_width = []
+    for w in ratio_widths:
+        say(f"mfcnet and unet at width {w} ({size} x {size}, batch {batch}; inference and training step)")
+        times = _time_networks(("unet", "mfcnet"), width=w, size=size, batch=batch, repeats=repeats, warmup=warmup,
+                               device=device, clock=clock)
+        by_width.append({"width": w, "unet": times["unet"], "mfcnet": times["mfcnet"],
+                         "mfcnet_over_unet": _ratio_row(times["mfcnet"], times["unet"])})
+    return by_width
+
+
+def _bench_pipeline(prepare_shape: Sequence[int], predict_shape: Sequence[int] | None, *, size: int, batch: int,
+                    predict_width: int, device: torch.device, say: Callable[[str], None]) -> dict[str, Any]:
+    """``prepare``, ``prepare_workers``, ``predict`` and ``write`` of the result, in a scratch folder removed after."""
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="hepaseg-benchmark-") as tmp:
+        work = Path(tmp)
+        say(f"prepare: phantom {prepare_shape[0]} x {prepare_shape[1]} x {prepare_shape[2]} at {size}")
+        result["prepare"] = _bench_prepare(tuple(prepare_shape), size, work)
+        multi_shape = tuple(prepare_shape)
+        say(f"prepare: {PREPARE_CASES} phantoms {' x '.join(map(str, multi_shape))} with 1 and 2 workers")
+        result["prepare_workers"] = _bench_prepare_workers(PREPARE_CASES, multi_shape, size, work)
+        volume = "3D-IRCADb-sized volume" if predict_shape is None else f"phantom {predict_shape}"
+        say(f"predict: untrained width-{predict_width} mfcnet, {volume}")
+        result["predict"] = _bench_predict(
+            None if predict_shape is None else tuple(predict_shape), size=size, batch=batch, width=predict_width,
+            device=device, work=work,
+        )
+        write_shape = tuple(predict_shape) if predict_shape is not None else IRCADB_SHAPE
+        say(f"write step: speckled mask on a phantom {write_shape}")
+        result["write"] = _bench_write(write_shape, work)
+    return result
 
 
 # --- tables ---------------------------------------------------------------------------------------

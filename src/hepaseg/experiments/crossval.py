@@ -875,6 +875,19 @@ def _fmt(mean: float, sd: float, kind: str) -> str:
 
 def _table_markdown(names, folds, seeds, rows, lesions, dice_global, protocol, command, cascade, liver_model,
                     liver_size, trained, wall) -> str:
+    lines = [
+        *_intro_lines(folds, seeds, protocol, cascade, liver_model, liver_size),
+        *_means_table_lines(names, rows, dice_global, cascade),
+        *_detection_lines(names, rows, lesions),
+        *_per_fold_lines(names, folds, rows),
+        *_noise_lines(names, folds, seeds, rows),
+        *_protocol_lines(protocol, command, cascade, liver_model, liver_size, trained, wall),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _intro_lines(folds, seeds, protocol, cascade, liver_model, liver_size) -> list[str]:
+    """Title, variant and tumour-stage recipe, and what a cell of the tables means."""
     n_runs = len(folds) * seeds
     variant = (f"cascade (liver stage {liver_model} at {liver_size} px, tumour stage on liver-cropped slices)"
                if cascade else "whole slices (single network)")
@@ -882,7 +895,7 @@ def _table_markdown(names, folds, seeds, rows, lesions, dice_global, protocol, c
     recipe = {k: train.get(k) for k in ("loss", "augment", "synthetic_tumors", "synthetic_families",
                                          "liver_enhancement", "aug_off", "crop", "tumor_crop_fraction", "batch_size",
                                          "lr", "precision") if k in train}
-    lines = [
+    return [
         "# hepaseg crossval — leave one patient out",
         "",
         f"Variant: {variant}. Tumour-stage training: " + ", ".join(f"{k} {v}" for k, v in recipe.items()) + ".",
@@ -893,10 +906,14 @@ def _table_markdown(names, folds, seeds, rows, lesions, dice_global, protocol, c
          "Dice global pools voxels over the held-out patients per seed, then mean ± sd over seeds."),
         "",
     ]
+
+
+def _means_table_lines(names, rows, dice_global, cascade) -> list[str]:
+    """One row per model: Dice global and the mean ± sd of each :data:`_TABLE_METRICS` over its runs."""
     metric_cols = [h for _, h, _ in _TABLE_METRICS]
     extra = ["liver Dice (%)"] if cascade else []
     header = ["model", "Dice global (%)", *metric_cols, *extra]
-    lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name in names:
         mine = [r for r in rows if r["model"] == name]
         mean, sd, _ = _mean_sd(dice_global[name])
@@ -905,13 +922,17 @@ def _table_markdown(names, folds, seeds, rows, lesions, dice_global, protocol, c
             m, s, _ = _mean_sd([r[key] for r in mine])
             cells.append(_fmt(m, s, kind))
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
-    lines += ["", "## Detection recall by largest axial diameter", "",
-              ("Pooled: found / reference lesions over every fold and seed (a lesion counts once per seed). "
-               "Per run: mean ± sd of the per-run recall over the runs whose patient has a lesion in the bin."), "",
-              "| model | diameter | lesions | found IoU>0.5 | found any | recall IoU>0.5 pooled (%) | "
-              "recall any pooled (%) | recall IoU>0.5 per run (%) | recall any per run (%) |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+def _detection_lines(names, rows, lesions) -> list[str]:
+    """Detection recall per model and diameter bin, pooled over lesions and per run."""
+    lines = ["", "## Detection recall by largest axial diameter", "",
+             ("Pooled: found / reference lesions over every fold and seed (a lesion counts once per seed). "
+              "Per run: mean ± sd of the per-run recall over the runs whose patient has a lesion in the bin."), "",
+             "| model | diameter | lesions | found IoU>0.5 | found any | recall IoU>0.5 pooled (%) | "
+             "recall any pooled (%) | recall IoU>0.5 per run (%) | recall any per run (%) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in names:
         for bin_name, lo, hi in DIAMETER_BINS:
             mine = [les for les in lesions if les["model"] == name and les["bin"] == bin_name]
@@ -928,10 +949,14 @@ def _table_markdown(names, folds, seeds, rows, lesions, dice_global, protocol, c
                 f"{_fmt(f_iou / n if n else math.nan, math.nan, 'pct')} | "
                 f"{_fmt(f_any / n if n else math.nan, math.nan, 'pct')} | "
                 f"{_fmt(per_iou[0], per_iou[1], 'pct')} | {_fmt(per_any[0], per_any[1], 'pct')} |")
+    return lines
 
-    lines += ["", "## Per fold (held-out patient; mean ± sd over seeds)", "",
-              "| model | held out | Dice 3D (%) | recall any overlap (%) | FP lesions / volume | "
-              "FP rate, tumour-free liver slices (%) | epochs |", "|---|---|---:|---:|---:|---:|---|"]
+
+def _per_fold_lines(names, folds, rows) -> list[str]:
+    """One row per (model, held-out patient): mean ± sd over its seeds."""
+    lines = ["", "## Per fold (held-out patient; mean ± sd over seeds)", "",
+             "| model | held out | Dice 3D (%) | recall any overlap (%) | FP lesions / volume | "
+             "FP rate, tumour-free liver slices (%) | epochs |", "|---|---|---:|---:|---:|---:|---|"]
     for name in names:
         for fold in folds:
             mine = [r for r in rows if r["model"] == name and r["fold"] == fold]
@@ -940,8 +965,12 @@ def _table_markdown(names, folds, seeds, rows, lesions, dice_global, protocol, c
                                      ("fp_slice_rate", "pct"))]
             epochs = "/".join(str(r.get("epochs")) for r in mine)
             lines.append(f"| {name} | {fold} | " + " | ".join(cells) + f" | {epochs} |")
+    return lines
 
-    lines += ["", "## How noisy this is", ""]
+
+def _noise_lines(names, folds, seeds, rows) -> list[str]:
+    """How noisy the numbers are: Dice spread between folds and between seeds, per model."""
+    n_runs = len(folds) * seeds
     noise = []
     for name in names:
         fold_means = [_mean_sd([r["dice"] for r in rows if r["model"] == name and r["fold"] == f])[0] for f in folds]
@@ -950,7 +979,8 @@ def _table_markdown(names, folds, seeds, rows, lesions, dice_global, protocol, c
         s_sd = _mean_sd(seed_sds)[0]
         noise.append(f"{name}: sd of Dice between folds {_fmt(f_sd, math.nan, 'pct')} pp, "
                      f"mean sd between seeds within a fold {_fmt(s_sd, math.nan, 'pct')} pp")
-    lines += [
+    return [
+        "", "## How noisy this is", "",
         (f"Each fold's test set is ONE patient, so with {len(folds)} patients the fold-to-fold spread mixes "
          "model variance with how hard each patient is, and the sd above rests on "
          f"{n_runs} runs of only {len(folds)} independent patients (seeds are not independent test data). "
@@ -961,11 +991,14 @@ def _table_markdown(names, folds, seeds, rows, lesions, dice_global, protocol, c
         *[f"- {line}" for line in noise],
     ]
 
+
+def _protocol_lines(protocol, command, cascade, liver_model, liver_size, trained, wall) -> list[str]:
+    """The protocol section: command, folds, validation, both stages' settings, scoring, this call's work."""
     budget = f"{protocol['max_epochs']} epoch{'s' if protocol['max_epochs'] != 1 else ''} max"
     if protocol["max_minutes_per_run"]:
         budget += f", {protocol['max_minutes_per_run']:g} min wall-clock max per run"
     prep = protocol["prepare"]
-    lines += [
+    return [
         "",
         "## Protocol",
         "",
@@ -987,4 +1020,3 @@ def _table_markdown(names, folds, seeds, rows, lesions, dice_global, protocol, c
          "tumour where any tumour is predicted"),
         f"- this call: trained or resumed {len(trained)} run(s), {wall / 60:.1f} min wall",
     ]
-    return "\n".join(lines) + "\n"

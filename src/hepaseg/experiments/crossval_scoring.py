@@ -139,16 +139,11 @@ def score_crossval(
     """
     from hepaseg.data import read_manifest
     from hepaseg.experiments.crossval import _read_held_out
-    from hepaseg.inference.cascade import predict_cascade
-    from hepaseg.inference.ensemble import load_ensemble, predict_ensemble
 
     t_start = time.perf_counter()
     say = log or (lambda _msg: None)
     out = Path(out)
-    protocol_path = out / "protocol.json"
-    if not protocol_path.is_file():
-        raise HepasegError(f"{protocol_path}: not found: expected a crossval directory. Run `hepaseg crossval` first")
-    protocol = json.loads(protocol_path.read_text())
+    protocol = _read_protocol(out)
     cascade, liver_model = bool(protocol.get("cascade")), protocol.get("liver_model")
     threshold = float(protocol.get("threshold", 0.5))
     chosen = parse_settings(settings, cascade=cascade)
@@ -167,18 +162,8 @@ def score_crossval(
         fold_dir = out / "folds" / _safe_name(fold)
         volume = _read_held_out(source_of[fold], fold)
         for name in models:
-            tumor_ckpts, liver_ckpts = [], []
-            for seed in range(seeds):
-                run = fold_dir / name / f"seed{seed}"
-                if not (run / _MARKER).is_file():
-                    raise HepasegError(f"{run}: no finished run ({_MARKER}): expected {seeds} seed(s) of {name} in "
-                                       "every fold. Finish the crossval first (rerun its command)")
-                tumor_ckpts.append(run / "last.ckpt")
-                liver_ckpts.append(fold_dir / f"liver-{liver_model}" / f"seed{seed}" / "last.ckpt")
-            variants = [(f"seed{k}", [tumor_ckpts[k]], [liver_ckpts[k]]) for k in range(seeds)]
-            if ensemble and seeds > 1:
-                variants.append(("ensemble", tumor_ckpts, liver_ckpts))
-            for variant, tumors, livers in variants:
+            for variant, tumors, livers in _variants(fold_dir, name, seeds, liver_model=liver_model,
+                                                     ensemble=ensemble):
                 cache = out / "scoring" / _safe_name(fold) / name / f"{variant}{'-tta' if tta else ''}.npz"
                 stamp = _stamp(tumors + (livers if cascade else []))
                 masks = _cached(cache, stamp)
@@ -186,34 +171,13 @@ def score_crossval(
                 if masks is None:
                     say(f"fold {fold}, {name}, {variant}{' + TTA' if tta else ''}: predicting the held-out volume")
                     t0 = time.perf_counter()
-                    members = load_ensemble(tumors)
-                    if cascade:
-                        liver = load_ensemble(livers, option="--liver-checkpoint")
-                        res = predict_cascade(liver.models, liver.data_options, members.models, members.data_options,
-                                              volume, tta=tta, threshold=threshold, device=device,
-                                              precision="fp32", progress=False)
-                        masks = {"tumor": res.tumor, "liver": res.liver}
-                    else:
-                        pred = predict_ensemble(members.models, volume, members.data_options, tta=tta,
-                                                device=device, precision="fp32", progress=False)
-                        masks = {"tumor": pred.mask(threshold), "liver": np.zeros((0,), np.uint8)}
+                    masks = _predict_masks(tumors, livers, volume, cascade=cascade, tta=tta, threshold=threshold,
+                                           device=device)
                     predict_s = time.perf_counter() - t0
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
-                        np.savez_compressed(fh, tumor=masks["tumor"].astype(np.uint8),
-                                            liver=masks["liver"].astype(np.uint8), stamp=json.dumps(stamp))
+                    _save_masks(cache, masks, stamp)
                     predicted.append((fold, name, variant))
-                liver_pred = masks["liver"] if cascade else None
-                for setting in chosen:
-                    mask, info = postprocess_mask(masks["tumor"], volume.spacing, setting, liver=liver_pred)
-                    metrics, _ = case_metrics(mask, volume.label, volume.spacing, liver_pred=liver_pred)
-                    rows.append({
-                        "model": name, "fold": fold, "variant": variant, "members": len(tumors), "tta": bool(tta),
-                        "postprocess": setting.describe(), **{k: metrics.get(k) for k in SCORING_CSV_COLUMNS
-                                                              if k in metrics},
-                        "filled_voxels": info["filled_voxels"], "removed_small": info["removed_small"],
-                        "removed_outside_liver": info["removed_outside_liver"], "predict_s": predict_s,
-                    })
+                head = {"model": name, "fold": fold, "variant": variant, "members": len(tumors), "tta": bool(tta)}
+                rows.extend(_setting_rows(head, masks, volume, chosen, cascade=cascade, predict_s=predict_s))
         del volume
 
     paths = {"csv": write_csv_atomic(out / "postprocess.csv", rows, SCORING_CSV_COLUMNS)}
@@ -221,6 +185,78 @@ def score_crossval(
                    len(predicted))
     paths["table"] = write_text_atomic(out / "postprocess.md", table)
     return ScoringResult(out=out, rows=rows, settings=chosen, table=table, predicted=predicted, paths=paths)
+
+
+def _read_protocol(out: Path) -> dict[str, Any]:
+    """``out/protocol.json`` of a crossval directory (one-line error when there is none)."""
+    protocol_path = out / "protocol.json"
+    if not protocol_path.is_file():
+        raise HepasegError(f"{protocol_path}: not found: expected a crossval directory. Run `hepaseg crossval` first")
+    return json.loads(protocol_path.read_text())
+
+
+def _variants(fold_dir: Path, name: str, seeds: int, *, liver_model: str | None,
+              ensemble: bool) -> list[tuple[str, list[Path], list[Path]]]:
+    """``(variant, tumour checkpoints, liver checkpoints)``: each seed alone, then their ensemble (two seeds or more).
+
+    Raises HepasegError when a seed of ``name`` has no finished run in this fold.
+    """
+    tumor_ckpts, liver_ckpts = [], []
+    for seed in range(seeds):
+        run = fold_dir / name / f"seed{seed}"
+        if not (run / _MARKER).is_file():
+            raise HepasegError(f"{run}: no finished run ({_MARKER}): expected {seeds} seed(s) of {name} in "
+                               "every fold. Finish the crossval first (rerun its command)")
+        tumor_ckpts.append(run / "last.ckpt")
+        liver_ckpts.append(fold_dir / f"liver-{liver_model}" / f"seed{seed}" / "last.ckpt")
+    variants = [(f"seed{k}", [tumor_ckpts[k]], [liver_ckpts[k]]) for k in range(seeds)]
+    if ensemble and seeds > 1:
+        variants.append(("ensemble", tumor_ckpts, liver_ckpts))
+    return variants
+
+
+def _predict_masks(tumors: list[Path], livers: list[Path], volume, *, cascade: bool, tta: bool, threshold: float,
+                   device: str | None) -> dict[str, np.ndarray]:
+    """``{"tumor": (Z, Y, X), "liver": (Z, Y, X) with the cascade, else (0,)}`` masks of the held-out volume (fp32)."""
+    from hepaseg.inference.cascade import predict_cascade
+    from hepaseg.inference.ensemble import load_ensemble, predict_ensemble
+
+    members = load_ensemble(tumors)
+    if cascade:
+        liver = load_ensemble(livers, option="--liver-checkpoint")
+        res = predict_cascade(liver.models, liver.data_options, members.models, members.data_options,
+                              volume, tta=tta, threshold=threshold, device=device,
+                              precision="fp32", progress=False)
+        return {"tumor": res.tumor, "liver": res.liver}
+    pred = predict_ensemble(members.models, volume, members.data_options, tta=tta,
+                            device=device, precision="fp32", progress=False)
+    return {"tumor": pred.mask(threshold), "liver": np.zeros((0,), np.uint8)}
+
+
+def _save_masks(cache: Path, masks: dict[str, np.ndarray], stamp: list[list]) -> None:
+    """Cache the predicted masks (uint8) with the checkpoints' stamp, atomically (read back by :func:`_cached`)."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, tumor=masks["tumor"].astype(np.uint8),
+                            liver=masks["liver"].astype(np.uint8), stamp=json.dumps(stamp))
+
+
+def _setting_rows(head: dict[str, Any], masks: dict[str, np.ndarray], volume, settings: Sequence[PostProcess], *,
+                  cascade: bool, predict_s: float) -> list[dict[str, Any]]:
+    """One ``postprocess.csv`` row per setting: ``head`` + the post-processed tumour mask's metrics."""
+    rows = []
+    liver_pred = masks["liver"] if cascade else None
+    for setting in settings:
+        mask, info = postprocess_mask(masks["tumor"], volume.spacing, setting, liver=liver_pred)
+        metrics, _ = case_metrics(mask, volume.label, volume.spacing, liver_pred=liver_pred)
+        rows.append({
+            **head,
+            "postprocess": setting.describe(), **{k: metrics.get(k) for k in SCORING_CSV_COLUMNS
+                                                  if k in metrics},
+            "filled_voxels": info["filled_voxels"], "removed_small": info["removed_small"],
+            "removed_outside_liver": info["removed_outside_liver"], "predict_s": predict_s,
+        })
+    return rows
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -138,6 +138,53 @@ def predict_batch(
             A failing CASE does not raise: it is an ``error`` row.
     """
     t_start = time.perf_counter()
+    postprocess, checkpoints, liver_checkpoints = _check_options(
+        checkpoint, liver_checkpoint, output_format=output_format, dicom=dicom, postprocess=postprocess)
+    paths = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    cases = find_cases(paths)
+    out_dir = Path(out_dir)
+    # A batch folder is resumable (reuse), never one of the inputs, and only ever a batch output.
+    check_output_dir(out_dir, command="predict-batch", inputs=[*paths, *checkpoints, onnx_model, *liver_checkpoints],
+                     reuse=True)
+    models = load_models(checkpoints, onnx_model, liver_checkpoints)
+    settings = _settings(models, threshold=threshold, tta=tta, labels=labels, output_format=output_format,
+                         dicom=dicom, save_probabilities=save_probabilities, postprocess=postprocess)
+    marker = out_dir / BATCH_MARKER
+    if marker.is_file() and not overwrite:
+        _check_resumable(out_dir, json.loads(marker.read_text()), settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_output_marker(out_dir, "predict-batch")
+    write_json_atomic(marker, settings)
+
+    names = _case_names(cases)
+    previous = _read_summary(out_dir / "summary.csv")
+    result = BatchResult(out_dir=out_dir, summary_csv=out_dir / "summary.csv", rows=[], load_seconds=models.seconds)
+    predict_options = dict(models=models, batch=batch, tta=tta, threshold=threshold, labels=labels,
+                           device=device, precision=precision, output_format=output_format, dicom=dicom,
+                           save_probabilities=save_probabilities, postprocess=postprocess, compile=compile)
+    t_cases = time.perf_counter()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console or Console(stderr=True), disable=not progress, transient=True) as bar:
+        task = bar.add_task("predicting", total=len(cases))
+        for path, name in zip(cases, names):
+            bar.update(task, description=f"predicting {name}")
+            result.rows.append(_case_row(path, name, out_dir / name, previous.get(name, {}), result,
+                                         overwrite=overwrite, predict_options=predict_options))
+            _write_summary(out_dir / "summary.csv", result.rows)
+            bar.advance(task)
+    run_seconds = time.perf_counter() - t_cases
+    if result.predicted:
+        result.cases_per_minute = 60.0 * len(result.predicted) / run_seconds
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _check_options(checkpoint, liver_checkpoint, *, output_format: str, dicom: DicomOptions | None,
+                   postprocess: PostProcess | None) -> tuple[PostProcess, list[Path], list[Path]]:
+    """The checked (postprocess, checkpoints, liver checkpoints); one-line errors before any work."""
     if output_format not in OUTPUT_FORMATS:
         raise HepasegError(f"--format: expected one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     if dicom is not None and dicom.seg:
@@ -149,14 +196,13 @@ def predict_batch(
     checkpoints, liver_checkpoints = _paths(checkpoint), _paths(liver_checkpoint)
     if postprocess.needs_liver and not liver_checkpoints:
         postprocess_mask(np.zeros((1, 1, 1)), (1, 1, 1), postprocess)  # raises the one-line error
-    paths = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
-    cases = find_cases(paths)
-    out_dir = Path(out_dir)
-    # A batch folder is resumable (reuse), never one of the inputs, and only ever a batch output.
-    check_output_dir(out_dir, command="predict-batch", inputs=[*paths, *checkpoints, onnx_model, *liver_checkpoints],
-                     reuse=True)
-    models = load_models(checkpoints, onnx_model, liver_checkpoints)
-    settings = {
+    return postprocess, checkpoints, liver_checkpoints
+
+
+def _settings(models, *, threshold: float, tta: bool, labels: str, output_format: str, dicom: DicomOptions | None,
+              save_probabilities: bool, postprocess: PostProcess) -> dict[str, Any]:
+    """The content of :data:`BATCH_MARKER`: what a resumed batch must share with this one."""
+    return {
         "format": "hepaseg-batch/1",
         "hepaseg_version": __version__,
         "model": models.model_name,
@@ -173,62 +219,42 @@ def predict_batch(
         "save_probabilities": bool(save_probabilities),
         "postprocess": postprocess.as_dict(),
     }
-    marker = out_dir / BATCH_MARKER
-    if marker.is_file() and not overwrite:
-        before = json.loads(marker.read_text())
-        changed = [k for k in _SETTING_KEYS if before.get(k, _SETTING_DEFAULTS.get(k)) != settings[k]]
-        if changed:
-            shown = ", ".join(f"{k} {before.get(k)!r} -> {settings[k]!r}" for k in changed)
-            raise HepasegError(
-                f"{out_dir}: --out holds a batch made with other settings ({shown}): expected the same settings to "
-                "resume it. Pass --overwrite to predict every case again, or choose another --out; nothing was "
-                "written"
-            )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_output_marker(out_dir, "predict-batch")
-    write_json_atomic(marker, settings)
 
-    names = _case_names(cases)
-    previous = _read_summary(out_dir / "summary.csv")
-    result = BatchResult(out_dir=out_dir, summary_csv=out_dir / "summary.csv", rows=[], load_seconds=models.seconds)
-    t_cases = time.perf_counter()
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console or Console(stderr=True), disable=not progress, transient=True) as bar:
-        task = bar.add_task("predicting", total=len(cases))
-        for path, name in zip(cases, names):
-            bar.update(task, description=f"predicting {name}")
-            case_dir = out_dir / name
-            if (case_dir / "lesions.json").is_file() and not overwrite:
-                row = _row_from_files(name, path, case_dir, previous.get(name, {}))
-                result.skipped.append(name)
-            else:
-                t0 = time.perf_counter()
-                try:
-                    predicted = predict_case(
-                        path, case_dir, models=models, batch=batch, tta=tta, threshold=threshold, labels=labels,
-                        overwrite=True, progress=False, device=device, precision=precision,
-                        output_format=output_format, dicom=dicom, save_probabilities=save_probabilities,
-                        postprocess=postprocess, compile=compile,
-                    )  # overwrite: the case folder is this batch's own output
-                    row = _row_from_result(name, path, predicted, time.perf_counter() - t0)
-                    result.predicted.append(name)
-                except HepasegError as exc:
-                    row = _error_row(name, path, str(exc), time.perf_counter() - t0)
-                    result.failed.append(name)
-                except Exception as exc:  # noqa: BLE001 - one broken case must not stop the batch
-                    row = _error_row(name, path, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
-                    result.failed.append(name)
-            result.rows.append(row)
-            _write_summary(out_dir / "summary.csv", result.rows)
-            bar.advance(task)
-    run_seconds = time.perf_counter() - t_cases
-    if result.predicted:
-        result.cases_per_minute = 60.0 * len(result.predicted) / run_seconds
-    result.seconds = time.perf_counter() - t_start
-    return result
+def _check_resumable(out_dir: Path, before: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Refuse to resume a batch (``before``: its marker) made with other settings than ``settings``."""
+    changed = [k for k in _SETTING_KEYS if before.get(k, _SETTING_DEFAULTS.get(k)) != settings[k]]
+    if changed:
+        shown = ", ".join(f"{k} {before.get(k)!r} -> {settings[k]!r}" for k in changed)
+        raise HepasegError(
+            f"{out_dir}: --out holds a batch made with other settings ({shown}): expected the same settings to "
+            "resume it. Pass --overwrite to predict every case again, or choose another --out; nothing was "
+            "written"
+        )
+
+
+def _case_row(path: Path, name: str, case_dir: Path, previous: dict, result: BatchResult, *, overwrite: bool,
+              predict_options: dict[str, Any]) -> dict[str, Any]:
+    """The summary row of one case: read back when done earlier, else predicted (an error row if that fails).
+
+    The case's name is added to ``result.skipped``, ``result.predicted`` or ``result.failed``.
+    """
+    if (case_dir / "lesions.json").is_file() and not overwrite:
+        result.skipped.append(name)
+        return _row_from_files(name, path, case_dir, previous)
+    t0 = time.perf_counter()
+    try:
+        # overwrite: the case folder is this batch's own output
+        predicted = predict_case(path, case_dir, overwrite=True, progress=False, **predict_options)
+        row = _row_from_result(name, path, predicted, time.perf_counter() - t0)
+        result.predicted.append(name)
+    except HepasegError as exc:
+        row = _error_row(name, path, str(exc), time.perf_counter() - t0)
+        result.failed.append(name)
+    except Exception as exc:  # noqa: BLE001 - one broken case must not stop the batch
+        row = _error_row(name, path, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
+        result.failed.append(name)
+    return row
 
 
 def _paths(value) -> list[Path]:

@@ -314,11 +314,8 @@ def predict_cascade(
     image = np.asarray(volume.image)
     spacing = tuple(float(s) for s in volume.spacing)
     source = getattr(volume, "source", "") or getattr(volume, "case_id", "") or "input"
-    check_cascade(liver_options, tumor_options)
-    for member in liver_models:
-        liver_opts = check_volume_for_model(image, liver_options, model=member, source=f"{source} (liver stage)")
-    for member in tumor_models:
-        tumor_opts = check_volume_for_model(image, tumor_options, model=member, source=f"{source} (tumour stage)")
+    liver_opts, tumor_opts = _check_stages(image, liver_models, liver_options, tumor_models, tumor_options,
+                                           source=source)
     n_z, height, width = image.shape
     common = {"batch": batch, "tta": tta, "device": device, "precision": precision, "progress": progress,
               "compile": compile}
@@ -343,11 +340,7 @@ def predict_cascade(
 
     t0 = time.perf_counter()
     keep = dilate_mm(liver, spacing, keep_margin_mm)
-    if tumor_opts.get("roi") == "liver":
-        box = liver_crop_box(liver, spacing, margin_mm=float(tumor_opts["roi_margin_mm"]))
-        assert box is not None  # the liver is not empty here
-    else:
-        box = (0, height, 0, width)
+    box = _tumor_box(liver, spacing, tumor_opts)
     z_hit = np.flatnonzero(keep.any(axis=(1, 2)))
     z0, z1 = int(z_hit[0]), int(z_hit[-1]) + 1
     # The K true neighbours on each side serve as context, as in the prepared shards (the border
@@ -361,11 +354,7 @@ def predict_cascade(
     probability[~kept] = 0.0  # dropped beyond keep_margin_mm of the liver
     tumor[z0:z1] = probability > threshold
     if details:
-        extra["tumor_probability"][z0:z1] = probability
-        extra["tumor_uncertainty"][z0:z1] = np.where(
-            kept, paste_slices(found.uncertainty[z0 - a : z1 - a], box, (height, width)), 0.0)
-        extra["tumor_votes"][z0:z1] = np.where(kept, paste_slices(found.votes[z0 - a : z1 - a], box,
-                                                                   (height, width)), 0)
+        _store_details(extra, probability, found, kept, box, z0=z0, z1=z1, a=a)
     timings["tumor"] = time.perf_counter() - t0
     return CascadeResult(
         liver=liver.astype(np.uint8),
@@ -376,3 +365,37 @@ def predict_cascade(
         timings=timings,
         **extra,
     )
+
+
+def _check_stages(image: np.ndarray, liver_models: list, liver_options: Mapping[str, Any], tumor_models: list,
+                  tumor_options: Mapping[str, Any], *, source: str):
+    """(liver stage's, tumour stage's) options checked against the volume and every member of each stage."""
+    check_cascade(liver_options, tumor_options)
+    for member in liver_models:
+        liver_opts = check_volume_for_model(image, liver_options, model=member, source=f"{source} (liver stage)")
+    for member in tumor_models:
+        tumor_opts = check_volume_for_model(image, tumor_options, model=member, source=f"{source} (tumour stage)")
+    return liver_opts, tumor_opts
+
+
+def _tumor_box(liver: np.ndarray, spacing: tuple[float, float, float], tumor_opts) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)`` pixels the tumour stage sees: the liver's crop box (``roi == "liver"``) or the slice."""
+    if tumor_opts.get("roi") == "liver":
+        box = liver_crop_box(liver, spacing, margin_mm=float(tumor_opts["roi_margin_mm"]))
+        assert box is not None  # the liver is not empty here
+        return box
+    return (0, liver.shape[1], 0, liver.shape[2])
+
+
+def _store_details(extra: dict[str, Any], probability: np.ndarray, found, kept: np.ndarray, box, *, z0: int, z1: int,
+                   a: int) -> None:
+    """Paste the tumour stage's probability, uncertainty and votes of slices ``z0:z1`` into ``extra``'s volumes.
+
+    ``probability`` is already pasted (``(z1 - z0, y, x)``); ``found`` holds the crops of slices ``a:...``;
+    voxels outside ``kept`` (beyond the keep margin of the liver) stay 0.
+    """
+    shape = probability.shape[1:]
+    extra["tumor_probability"][z0:z1] = probability
+    extra["tumor_uncertainty"][z0:z1] = np.where(
+        kept, paste_slices(found.uncertainty[z0 - a : z1 - a], box, shape), 0.0)
+    extra["tumor_votes"][z0:z1] = np.where(kept, paste_slices(found.votes[z0 - a : z1 - a], box, shape), 0)

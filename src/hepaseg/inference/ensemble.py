@@ -173,27 +173,12 @@ def predict_ensemble(
         raise ValueError("models: expected at least one network")
     image = np.asarray(getattr(volume, "image", volume))
     source = getattr(volume, "source", "") or getattr(volume, "case_id", "") or "input"
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
-    opts = None
-    for member in members:
-        opts = check_volume_for_model(image, data_options, model=member, source=source)
-    assert opts is not None
-
+    opts = _check_inputs(members, image, data_options, batch=batch, precision=precision, threshold=threshold,
+                         source=source)
     is_torch = all(isinstance(m, nn.Module) for m in members)
     dev = resolve_device(device) if is_torch else torch.device("cpu")
     if is_torch:
-        for member in members:
-            member.eval()
-            member.to(dev)
-            if dev.type == "cpu":
-                member.to(memory_format=torch.channels_last)  # oneDNN convolutions are faster in NHWC
-            if compile:
-                member.compile()
+        _prepare_members(members, dev, compile=compile)
     autocast, _ = _autocast(dev, precision, is_torch)
     pad_to = batch if compile and is_torch else 0
 
@@ -208,25 +193,70 @@ def predict_ensemble(
         for start in range(0, z, batch):
             t0 = time.perf_counter()
             centres = np.arange(start, min(start + batch, z))
-            x = preprocess_slices(image, centres, opts).to(dev)  # (k, 2K+1, S, S)
-            k = len(centres)
-            if k < pad_to:  # the compiled graph has a fixed batch; the padding's outputs are dropped
-                x = torch.cat([x, x.new_zeros(pad_to - k, *x.shape[1:])])
-            if is_torch and dev.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
-            out = ensemble_probabilities(members, x, tta=tta, autocast=autocast, with_std=uncertainty)
-            if k < len(x):
-                out = BatchProbabilities(mean=out.mean[:k], members=out.members[:k],
-                                         std=None if out.std is None else out.std[:k])
+            out = _forward(members, image, centres, opts, dev, is_torch=is_torch, pad_to=pad_to, tta=tta,
+                           autocast=autocast, uncertainty=uncertainty)
             probability[centres] = resize_slices(out.mean, (h, w)).clamp_(0.0, 1.0).cpu().numpy()
             if spread is not None:
                 spread[centres] = resize_slices(out.std, (h, w)).clamp_(0.0, 0.5).cpu().numpy()
             if bits is not None:
-                each = resize_slices(out.members, (h, w)).clamp_(0.0, 1.0).cpu().numpy()  # (n, M, y, x)
-                for m in range(n):
-                    bits[centres] |= (each[:, m] > float(threshold)).astype(bits.dtype) << bits.dtype.type(m)
+                _add_votes(bits, centres, out.members, float(threshold))
             if bar:
                 bar.advance(task, len(centres))
             if timings is not None and start == 0:
                 timings["first_batch"] = time.perf_counter() - t0
     return EnsemblePrediction(probability=probability, n_members=n, tta=bool(tta), uncertainty=spread, votes=bits)
+
+
+def _check_inputs(members: list, image: np.ndarray, data_options: dict[str, Any], *, batch: int, precision: str,
+                  threshold: float, source: str):
+    """The data options every member reads ``image`` with; ValueError for a bad argument (a caller's bug)."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+    opts = None
+    for member in members:
+        opts = check_volume_for_model(image, data_options, model=member, source=source)
+    assert opts is not None
+    return opts
+
+
+def _prepare_members(members: list[nn.Module], dev: torch.device, *, compile: bool) -> None:
+    """Eval mode on ``dev`` (channels-last on CPU), compiled when asked; in place."""
+    for member in members:
+        member.eval()
+        member.to(dev)
+        if dev.type == "cpu":
+            member.to(memory_format=torch.channels_last)  # oneDNN convolutions are faster in NHWC
+        if compile:
+            member.compile()
+
+
+def _forward(members: list, image: np.ndarray, centres: np.ndarray, opts, dev: torch.device, *, is_torch: bool,
+             pad_to: int, tta: bool, autocast, uncertainty: bool) -> BatchProbabilities:
+    """Probabilities of the slices ``centres`` of ``image`` at the network's size: mean ``(k, S, S)``, members
+    ``(k, M, S, S)``, std ``(k, S, S)`` or None.
+
+    A batch shorter than ``pad_to`` is zero-padded to it and the padding's outputs are dropped.
+    """
+    x = preprocess_slices(image, centres, opts).to(dev)  # (k, 2K+1, S, S)
+    k = len(centres)
+    if k < pad_to:  # the compiled graph has a fixed batch; the padding's outputs are dropped
+        x = torch.cat([x, x.new_zeros(pad_to - k, *x.shape[1:])])
+    if is_torch and dev.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = ensemble_probabilities(members, x, tta=tta, autocast=autocast, with_std=uncertainty)
+    if k < len(x):
+        out = BatchProbabilities(mean=out.mean[:k], members=out.members[:k],
+                                 std=None if out.std is None else out.std[:k])
+    return out
+
+
+def _add_votes(bits: np.ndarray, centres: np.ndarray, members: torch.Tensor, threshold: float) -> None:
+    """Set bit ``m`` of ``bits[centres]`` where member ``m``'s probability (resized to the scan) is > ``threshold``."""
+    h, w = bits.shape[1:]
+    each = resize_slices(members, (h, w)).clamp_(0.0, 1.0).cpu().numpy()  # (n, M, y, x)
+    for m in range(each.shape[1]):
+        bits[centres] |= (each[:, m] > threshold).astype(bits.dtype) << bits.dtype.type(m)

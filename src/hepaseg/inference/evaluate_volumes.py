@@ -168,6 +168,47 @@ def evaluate_volumes(
             liver-cropped tumour checkpoint without ``liver_checkpoint``, or two checkpoints that
             do not form a cascade.
     """
+    threshold, postprocess, checkpoints, liver_checkpoints = _check_options(
+        checkpoint, liver_checkpoint, threshold=threshold, batch=batch, postprocess=postprocess)
+    default = "eval-volumes" if len(checkpoints) == 1 else "eval-volumes-ensemble"
+    out_dir = Path(out) if out is not None else checkpoints[0].parent / default
+    # Before any work; `hepaseg evaluate` writes its slice and volume results into one folder.
+    check_output_dir(out_dir, command="evaluate", inputs=[*checkpoints, *liver_checkpoints, *sources], reuse=True)
+    loaded, liver = _load_stages(checkpoints, liver_checkpoints)
+    cases = _find_cases(sources, dicom)
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for path in cases:
+        volume = read_volume(path, with_label=True, dicom=dicom)
+        if volume.label is None:
+            skipped.append(volume.case_id)
+            continue
+        rows.append(_score_case(path, volume, loaded, liver, batch=batch, threshold=threshold, tta=tta,
+                                device=device, progress=progress, postprocess=postprocess))
+    if not rows:
+        raise HepasegError(
+            f"--volumes: no labelled case in {', '.join(map(str, sources))}: expected CT cases with a tumour "
+            f"label (LiTS, MSD Task03, 3D-IRCADb, MRC pairs), got only unlabelled ones ({', '.join(skipped)})"
+        )
+    result = VolumeEvaluationResult(
+        model_name=loaded.model_name,
+        checkpoint=checkpoints[0],
+        rows=rows,
+        summary=_summary(rows, with_liver=liver is not None),
+        skipped=skipped,
+        options=_options(loaded, liver, batch=batch, threshold=threshold, tta=tta, device=device,
+                         postprocess=postprocess),
+        liver_checkpoint=liver_checkpoints[0] if liver_checkpoints else None,
+        checkpoints=checkpoints,
+        liver_checkpoints=liver_checkpoints,
+    )
+    _write_outputs(out_dir, result, with_liver=liver is not None)
+    return result
+
+
+def _check_options(checkpoint, liver_checkpoint, *, threshold: float, batch: int,
+                   postprocess: PostProcess | None) -> tuple[float, PostProcess, list[Path], list[Path]]:
+    """The checked (threshold, postprocess, checkpoints, liver checkpoints); one-line errors before any work."""
     threshold = check_threshold(threshold)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise HepasegError(f"--batch: invalid value: expected a positive integer, got {batch!r}")
@@ -177,10 +218,11 @@ def evaluate_volumes(
         raise HepasegError("--checkpoint: expected at least one checkpoint from `hepaseg train`, got none")
     if postprocess.needs_liver and not liver_checkpoints:
         postprocess_mask(np.zeros((1, 1, 1)), (1, 1, 1), postprocess)  # raises the one-line error
-    default = "eval-volumes" if len(checkpoints) == 1 else "eval-volumes-ensemble"
-    out_dir = Path(out) if out is not None else checkpoints[0].parent / default
-    # Before any work; `hepaseg evaluate` writes its slice and volume results into one folder.
-    check_output_dir(out_dir, command="evaluate", inputs=[*checkpoints, *liver_checkpoints, *sources], reuse=True)
+    return threshold, postprocess, checkpoints, liver_checkpoints
+
+
+def _load_stages(checkpoints: list[Path], liver_checkpoints: list[Path]):
+    """(tumour ensemble, liver ensemble or None), checked to form a cascade when there is a liver stage."""
     loaded = load_ensemble(checkpoints, option="--checkpoint")
     liver = None
     if not liver_checkpoints:
@@ -190,49 +232,51 @@ def evaluate_volumes(
         check_cascade(liver.data_options, loaded.data_options,
                       liver_source=f"--liver-checkpoint {liver_checkpoints[0]}",
                       tumor_source=f"--checkpoint {checkpoints[0]}")
+    return loaded, liver
+
+
+def _find_cases(sources: Sequence[str | os.PathLike], dicom: DicomOptions | None) -> list[Path]:
     cases = find_cases(list(sources))
     if dicom is not None and dicom.seg and len(cases) != 1:
         raise HepasegError(
             f"--seg: names the SEG files of one case: expected a single case, got {len(cases)}. Put each case's SEG "
             "in its study folder (it is found there)"
         )
-    rows: list[dict[str, Any]] = []
-    skipped: list[str] = []
-    for path in cases:
-        volume = read_volume(path, with_label=True, dicom=dicom)
-        if volume.label is None:
-            skipped.append(volume.case_id)
-            continue
-        t0 = time.perf_counter()
-        cascade = None
-        if liver is None:
-            pred = predict_ensemble(loaded.models, volume, loaded.data_options, batch=batch, tta=tta,
-                                    device=device, precision="fp32", progress=progress).mask(threshold)
-        else:
-            cascade = predict_cascade(liver.models, liver.data_options, loaded.models, loaded.data_options, volume,
-                                      batch=batch, tta=tta, threshold=threshold, device=device, precision="fp32",
-                                      progress=progress)
-            pred = cascade.tumor
-        pred, _ = postprocess_mask(pred, volume.spacing, postprocess,
-                                   liver=None if cascade is None else cascade.liver)
-        seconds = time.perf_counter() - t0
-        metrics = volume_metrics(pred, volume.label == LABEL_TUMOR, volume.spacing)
-        sz, sy, sx = (float(s) for s in volume.spacing)
-        row = {"case": volume.case_id, "source": str(path), **metrics,
-               "spacing_z": sz, "spacing_y": sy, "spacing_x": sx, "seconds": seconds}
-        if cascade is not None:
-            liver_metrics = volume_metrics(cascade.liver, volume.label > 0, volume.spacing)
-            row.update({f"liver_{k}": v for k, v in liver_metrics.items()})
-            row["warnings"] = "; ".join(cascade.warnings)
-            row["liver_volume_ml"], row["tumor_burden_percent"] = _burden(pred, cascade.liver, volume.spacing)
-            row["reference_liver_volume_ml"], row["reference_tumor_burden_percent"] = _burden(
-                volume.label == LABEL_TUMOR, volume.label > 0, volume.spacing)
-        rows.append(row)
-    if not rows:
-        raise HepasegError(
-            f"--volumes: no labelled case in {', '.join(map(str, sources))}: expected CT cases with a tumour "
-            f"label (LiTS, MSD Task03, 3D-IRCADb, MRC pairs), got only unlabelled ones ({', '.join(skipped)})"
-        )
+    return cases
+
+
+def _score_case(path, volume, loaded, liver, *, batch: int, threshold: float, tta: bool, device: str | None,
+                progress: bool, postprocess: PostProcess) -> dict[str, Any]:
+    """One ``volumes.csv`` row: predict ``volume`` (cascade when ``liver``), post-process, score in mm."""
+    t0 = time.perf_counter()
+    cascade = None
+    if liver is None:
+        pred = predict_ensemble(loaded.models, volume, loaded.data_options, batch=batch, tta=tta,
+                                device=device, precision="fp32", progress=progress).mask(threshold)
+    else:
+        cascade = predict_cascade(liver.models, liver.data_options, loaded.models, loaded.data_options, volume,
+                                  batch=batch, tta=tta, threshold=threshold, device=device, precision="fp32",
+                                  progress=progress)
+        pred = cascade.tumor
+    pred, _ = postprocess_mask(pred, volume.spacing, postprocess,
+                               liver=None if cascade is None else cascade.liver)
+    seconds = time.perf_counter() - t0
+    metrics = volume_metrics(pred, volume.label == LABEL_TUMOR, volume.spacing)
+    sz, sy, sx = (float(s) for s in volume.spacing)
+    row = {"case": volume.case_id, "source": str(path), **metrics,
+           "spacing_z": sz, "spacing_y": sy, "spacing_x": sx, "seconds": seconds}
+    if cascade is not None:
+        liver_metrics = volume_metrics(cascade.liver, volume.label > 0, volume.spacing)
+        row.update({f"liver_{k}": v for k, v in liver_metrics.items()})
+        row["warnings"] = "; ".join(cascade.warnings)
+        row["liver_volume_ml"], row["tumor_burden_percent"] = _burden(pred, cascade.liver, volume.spacing)
+        row["reference_liver_volume_ml"], row["reference_tumor_burden_percent"] = _burden(
+            volume.label == LABEL_TUMOR, volume.label > 0, volume.spacing)
+    return row
+
+
+def _summary(rows: list[dict[str, Any]], *, with_liver: bool) -> dict[str, Any]:
+    """:attr:`VolumeEvaluationResult.summary` of the case rows."""
     with_tumor = [r for r in rows if r["target_voxels"] > 0]
     summary = {
         "n_cases": len(rows),
@@ -245,7 +289,7 @@ def evaluate_volumes(
         "hd95": _mean([r["hd95"] for r in rows]),
         "hausdorff": _mean([r["hausdorff"] for r in rows]),
     }
-    if liver is not None:
+    if with_liver:
         liver_rows = [{k[len("liver_"):]: v for k, v in r.items() if k.startswith("liver_")} for r in rows]
         summary["liver"] = {
             "n_cases": len(rows),
@@ -254,30 +298,29 @@ def evaluate_volumes(
             **{k: _mean([r[k] for r in liver_rows]) for k in ("jaccard", "rvd", "assd", "hd95", "hausdorff")},
         }
         summary["burden"] = {k: _mean([r[k] for r in rows if not math.isnan(r[k])]) for k in BURDEN_CSV_COLUMNS}
-    result = VolumeEvaluationResult(
-        model_name=loaded.model_name,
-        checkpoint=checkpoints[0],
-        rows=rows,
-        summary=summary,
-        skipped=skipped,
-        options={"batch": batch, "threshold": threshold, "tta": tta, "precision": "fp32",
-                 "device": device or "auto", "data_options": loaded.data_options, "n_members": len(loaded),
-                 "postprocess": {**postprocess.as_dict(), "applied": postprocess.describe()},
-                 **({} if liver is None else {"liver_model": liver.model_name, "liver_members": len(liver),
-                                              "liver_data_options": liver.data_options})},
-        liver_checkpoint=liver_checkpoints[0] if liver_checkpoints else None,
-        checkpoints=checkpoints,
-        liver_checkpoints=liver_checkpoints,
-    )
+    return summary
+
+
+def _options(loaded, liver, *, batch: int, threshold: float, tta: bool, device: str | None,
+             postprocess: PostProcess) -> dict[str, Any]:
+    """The ``options`` section of ``volumes.json``."""
+    return {"batch": batch, "threshold": threshold, "tta": tta, "precision": "fp32",
+            "device": device or "auto", "data_options": loaded.data_options, "n_members": len(loaded),
+            "postprocess": {**postprocess.as_dict(), "applied": postprocess.describe()},
+            **({} if liver is None else {"liver_model": liver.model_name, "liver_members": len(liver),
+                                         "liver_data_options": liver.data_options})}
+
+
+def _write_outputs(out_dir: Path, result: VolumeEvaluationResult, *, with_liver: bool) -> None:
+    """``volumes.csv`` and ``volumes.json`` (each atomically) plus the output marker; sets ``result.paths``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_output_marker(out_dir, "evaluate")
     result.out_dir = out_dir
     with atomic_path(out_dir / "volumes.csv") as tmp, open(tmp, "w", newline="") as fh:
-        columns = VOLUME_CSV_COLUMNS + (LIVER_CSV_COLUMNS + BURDEN_CSV_COLUMNS if liver is not None else ())
+        columns = VOLUME_CSV_COLUMNS + (LIVER_CSV_COLUMNS + BURDEN_CSV_COLUMNS if with_liver else ())
         writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        for row in rows:
+        for row in result.rows:
             writer.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in row.items()})
     result.paths["csv"] = out_dir / "volumes.csv"
     result.paths["json"] = write_json_atomic(out_dir / "volumes.json", result.to_json())
-    return result
