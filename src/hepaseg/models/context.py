@@ -29,7 +29,9 @@ Choices the slides leave open (ours, and why):
 * ``f`` is named in ``Q = f(w1 X + b1)`` but never defined. The identity is the
   default (``qk_activation="identity"``, as in DANet's position attention), so
   similarities can be negative and the softmax can push dissimilar positions
-  *down*; ``"relu"`` is the other reading.
+  *down*; ``"relu"`` is the other reading. Measured on the two-patient crossval the
+  two train alike (ReLU +0.4 points in each fold, inside the seed spread), so the
+  identity stays.
 * The reduction ratio ``r`` of the query/key width defaults to 8 (DANet's C/8);
   the reduced width is ``max(1, C // r)``.
 * No value projection: ``F`` is ``X`` itself.
