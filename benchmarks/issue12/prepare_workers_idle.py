@@ -1,7 +1,10 @@
 """prepare --workers 1 vs 2 on 6 LiTS-layout phantoms of 160 x 512 x 512 (a multi-case set), wall clock, CLI."""
 import subprocess, sys, time, pathlib, shutil, os
 from hepaseg.data.phantom import write_phantom_dataset
-work = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "prepare_workers_bench"); shutil.rmtree(work, ignore_errors=True); work.mkdir(parents=True)
+work = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "prepare_workers_bench")
+if work.exists() and any(work.iterdir()):
+    sys.exit(f"{work}: not empty: expected a new or empty folder (this script deletes nothing)")
+work.mkdir(parents=True, exist_ok=True)
 src = work / "src"
 write_phantom_dataset(src, "lits", n_cases=6, shape=(160, 512, 512), spacing=(1.6, 0.57, 0.57))
 hep = shutil.which("hepaseg") or "hepaseg"
