@@ -230,15 +230,21 @@ def _read_slice_dice(path: Path) -> dict[tuple[str, int], float]:
         return {(row["case"], int(row["slice"])): float(row["dice"]) for row in csv.DictReader(fh)}
 
 
-def _run_state(run: Path, eval_dir: Path) -> str:
-    """``done`` | ``resume`` (last.ckpt, no marker) | ``restart`` (started, no checkpoint) | ``new``."""
-    if (run / _MARKER).is_file() and (eval_dir / "metrics.json").is_file():
+def train_state(run: Path, done: bool) -> str:
+    """``done`` (when ``done``: the caller's marker says so) | ``resume`` (last.ckpt) | ``restart``
+    (started, no checkpoint) | ``new``: what a protocol does next with one training run folder."""
+    if done:
         return "done"
     if (run / "last.ckpt").is_file():
         return "resume"
     if (run / "config.json").is_file():
         return "restart"
     return "new"
+
+
+def _run_state(run: Path, eval_dir: Path) -> str:
+    """:func:`train_state` of a compare run: done once its marker and its evaluation exist."""
+    return train_state(run, (run / _MARKER).is_file() and (eval_dir / "metrics.json").is_file())
 
 
 def _train_defaults() -> dict[str, Any]:

@@ -102,6 +102,7 @@ from hepaseg.experiments.compare import (
     parse_models,
     read_plan,
     run_plan,
+    train_state,
 )
 from hepaseg.io import find_cases
 from hepaseg.io.atomic import atomic_dir, write_csv_atomic, write_json_atomic, write_text_atomic
@@ -374,14 +375,8 @@ def _prepare_pool(
 
 
 def _train_state(run: Path, marker: str) -> str:
-    """``done`` | ``resume`` (last.ckpt, no marker) | ``restart`` (started, no checkpoint) | ``new``."""
-    if (run / marker).is_file():
-        return "done"
-    if (run / "last.ckpt").is_file():
-        return "resume"
-    if (run / "config.json").is_file():
-        return "restart"
-    return "new"
+    """:func:`~hepaseg.experiments.compare.train_state` of a crossval run: done once ``marker`` exists."""
+    return train_state(run, (run / marker).is_file())
 
 
 def _train_run(config_kwargs: dict[str, Any], run: Path, state: str):
