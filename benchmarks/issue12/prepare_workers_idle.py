@@ -6,14 +6,15 @@ if work.exists() and any(work.iterdir()):
     sys.exit(f"{work}: not empty: expected a new or empty folder (this script deletes nothing)")
 work.mkdir(parents=True, exist_ok=True)
 src = work / "src"
-write_phantom_dataset(src, "lits", n_cases=6, shape=(160, 512, 512), spacing=(1.6, 0.57, 0.57))
-hep = shutil.which("hepaseg") or "hepaseg"
+write_phantom_dataset(src, "lits", n_cases=int(os.environ.get("CASES", 6)),
+                      shape=(int(os.environ.get("SLICES", 160)), 512, 512), spacing=(1.6, 0.57, 0.57))
+hep = [sys.executable, "-m", "hepaseg.cli"]
 times = {}
-for rnd in range(2):
+for rnd in range(int(os.environ.get("ROUNDS", 2))):
     for n in (1, 2):
         out = work / f"out_w{n}_{rnd}"
         t = time.perf_counter()
-        r = subprocess.run([hep, "prepare", str(src), "--out", str(out), "--slices", "all", "--split", "1,0,0",
+        r = subprocess.run([*hep, "prepare", str(src), "--out", str(out), "--slices", "all", "--split", "1,0,0",
                             "--workers", str(n), "--no-progress"], capture_output=True, text=True)
         dt = time.perf_counter() - t
         assert r.returncode == 0, r.stderr[-2000:]
