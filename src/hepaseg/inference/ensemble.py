@@ -44,10 +44,11 @@ from hepaseg.inference.predictor import (
     PRECISIONS,
     _autocast,
     _progress,
+    batch_input,
     check_volume_for_model,
     resolve_device,
 )
-from hepaseg.inference.preprocess import preprocess_slices, resize_slices
+from hepaseg.inference.preprocess import resize_slices
 
 __all__ = ["Ensemble", "EnsemblePrediction", "as_model_list", "load_ensemble", "predict_ensemble", "vote_dtype"]
 
@@ -241,12 +242,8 @@ def _forward(members: list, image: np.ndarray, centres: np.ndarray, opts, dev: t
 
     A batch shorter than ``pad_to`` is zero-padded to it and the padding's outputs are dropped.
     """
-    x = preprocess_slices(image, centres, opts).to(dev)  # (k, 2K+1, S, S)
     k = len(centres)
-    if k < pad_to:  # the compiled graph has a fixed batch; the padding's outputs are dropped
-        x = torch.cat([x, x.new_zeros(pad_to - k, *x.shape[1:])])
-    if is_torch and dev.type == "cpu":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = batch_input(image, centres, opts, dev, is_torch=is_torch, pad_to=pad_to)
     out = ensemble_probabilities(members, x, tta=tta, autocast=autocast, with_std=uncertainty)
     if k < len(x):
         out = BatchProbabilities(mean=out.mean[:k], members=out.members[:k],

@@ -119,6 +119,21 @@ def _probabilities(
     return total / len(flips)
 
 
+def batch_input(image: np.ndarray, centres: np.ndarray, opts, dev: torch.device, *, is_torch: bool,
+                pad_to: int = 0) -> torch.Tensor:
+    """The network input of slices ``centres``: ``(max(k, pad_to), 2K+1, S, S)`` float32 on ``dev``.
+
+    A batch shorter than ``pad_to`` is zero-padded to it (a compiled graph has a fixed batch; the
+    caller drops the padding's outputs); on CPU a torch network gets NHWC (faster oneDNN convolutions).
+    """
+    x = preprocess_slices(image, centres, opts).to(dev)  # (k, 2K+1, S, S)
+    if len(centres) < pad_to:
+        x = torch.cat([x, x.new_zeros(pad_to - len(centres), *x.shape[1:])])
+    if is_torch and dev.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def predict_volume(
     model: nn.Module | Callable,
     volume,
@@ -196,12 +211,8 @@ def predict_volume(
         for start in range(0, z, batch):
             t0 = time.perf_counter()
             centres = np.arange(start, min(start + batch, z))
-            x = preprocess_slices(image, centres, opts).to(dev)  # (n, 2K+1, S, S)
             n = len(centres)
-            if n < pad_to:  # the compiled graph has a fixed batch; the padding's outputs are dropped
-                x = torch.cat([x, x.new_zeros(pad_to - n, *x.shape[1:])])
-            if is_torch and dev.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = batch_input(image, centres, opts, dev, is_torch=is_torch, pad_to=pad_to)
             prob = _probabilities(model, x, tta=tta, autocast=autocast)[:n]  # (n, S, S)
             prob = resize_slices(prob, (h, w)).clamp_(0.0, 1.0)  # (n, y, x) at original size
             if threshold is None:
