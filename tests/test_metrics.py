@@ -450,17 +450,17 @@ def test_cropped_transform_grows_its_box_until_no_outside_pixel_can_be_nearer():
     # The query's first box (grown by the 60 px gap between the boxes) holds only the far source
     # (0, 60) at 78 px, farther than the box's open face at 61 px; the nearer source (50, 70) at
     # 70 px lies outside it, so the box must grow once more.
-    from hepaseg.evaluation.metrics import _directed_distances
+    from hepaseg.evaluation.metrics import directed_distances
 
     query = np.zeros((100, 100), bool)
     query[50, 0] = True
     source = np.zeros_like(query)
     source[0, 60] = source[50, 70] = True
-    assert _directed_distances(query, source, (1.0, 1.0)).tolist() == [70.0]
-    assert _directed_distances(query, source, (3.0, 1.0)).tolist() == [70.0]  # rows cost 3 mm: (0, 60) is 161
+    assert directed_distances(query, source, (1.0, 1.0)).tolist() == [70.0]
+    assert directed_distances(query, source, (3.0, 1.0)).tolist() == [70.0]  # rows cost 3 mm: (0, 60) is 161
     # The same with the near source removed: the far one is the answer.
     source[50, 70] = False
-    assert _directed_distances(query, source, (1.0, 1.0)).tolist() == [pytest.approx(math.hypot(50, 60))]
+    assert directed_distances(query, source, (1.0, 1.0)).tolist() == [pytest.approx(math.hypot(50, 60))]
 
 
 def test_speckled_volume_matches_the_whole_array_transform():

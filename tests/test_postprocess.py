@@ -156,6 +156,62 @@ def test_lesion_columns_by_hand():
     assert lesion_confidence(np.zeros((2, 3, 3)), spacing) == []
 
 
+def _whole_volume_confidence(mask, spacing, probability, uncertainty, votes, n_members, liver):
+    """The columns as the first implementation computed them: scipy over the whole volume, no cropping."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask != 0, structure=np.ones((3, 3, 3)))
+    index = np.arange(1, n + 1)
+    filled = ndimage.binary_fill_holes(liver)
+    surface = filled & ~ndimage.binary_erosion(filled, structure=ndimage.generate_binary_structure(3, 1),
+                                               border_value=0)
+    depth = ndimage.distance_transform_edt(~surface, sampling=spacing)
+    found = sum((np.asarray(ndimage.maximum((votes >> m) & 1, labels, index)) > 0).astype(float)
+                for m in range(n_members))
+    columns = {
+        "voxels": np.asarray(ndimage.sum(np.ones_like(labels), labels, index)),
+        "mean_probability": np.asarray(ndimage.mean(probability, labels, index)),
+        "max_probability": np.asarray(ndimage.maximum(probability, labels, index)),
+        "mean_uncertainty": np.asarray(ndimage.mean(uncertainty, labels, index)),
+        "member_agreement": found / n_members,
+        "liver_fraction": np.asarray(ndimage.mean(liver.astype(float), labels, index)),
+        "liver_surface_distance_mm": np.asarray(ndimage.minimum(depth, labels, index)),
+    }
+    order = sorted(range(n), key=lambda i: -columns["voxels"][i])
+    return [{k: float(v[i]) for k, v in columns.items()} for i in order]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lesion_columns_match_the_whole_volume_computation_on_random_scenes(seed):
+    """Random specks and blobs (some outside the liver, some in its cavity, some on the scan's border) with
+    an anisotropic spacing: the cropped, sorted computation equals scipy over the whole volume."""
+    rng = np.random.default_rng(seed)
+    shape, spacing = (14, 40, 36), (2.5, 0.7, 0.8)
+    liver = np.zeros(shape, bool)
+    liver[2:12, 6:30, 5:28] = True
+    liver[6:8, 15:18, 12:15] = False  # a cavity, filled before the surface is taken
+    mask = (rng.random(shape) < 0.04).astype(np.uint8)
+    mask[4:7, 10:16, 10:18] = 1
+    mask[0, 0:3, 30:36] = 1  # on the scan's border, outside the liver
+    probability = rng.random(shape).astype(np.float32)
+    uncertainty = rng.random(shape).astype(np.float32)
+    votes = rng.integers(0, 8, shape).astype(np.uint8)
+    got = lesion_confidence(mask, spacing, probability=probability, uncertainty=uncertainty, votes=votes,
+                            n_members=3, liver=liver)
+    want = _whole_volume_confidence(mask, spacing, probability, uncertainty, votes, 3, liver)
+    assert len(got) == len(want) > 50
+    for g, w in zip(got, want):
+        assert g["voxels"] == w["voxels"]
+        for key in LESION_CONFIDENCE_COLUMNS:
+            assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-9), key
+    # The components of the lesion table, passed in, give the same rows.
+    from hepaseg.evaluation.detection import label_lesions_cropped
+
+    again = lesion_confidence(mask, spacing, probability=probability, uncertainty=uncertainty, votes=votes,
+                              n_members=3, liver=liver, components=label_lesions_cropped(mask))
+    assert again == got
+
+
 # --- the cascade: anatomical filter, burden, liver ensemble ---------------------------------------------------
 
 

@@ -67,7 +67,7 @@ Speed: both masks are cropped to the bounding box of their union before erosion 
 unchanged: every surface pixel lies inside it), which makes a typical 224x224 tumour slice cost
 well under a millisecond. Each direction's distance transform is then taken only over the box
 of its query surface grown until no source pixel outside can be nearer (see
-:func:`_directed_distances`), with the ``edt`` package's exact transform (float32 squared
+:func:`directed_distances`), with the ``edt`` package's exact transform (float32 squared
 distances: exact for unit spacing, within about 1e-7 relative of scipy's float64 transform with
 a spacing). A speckled prediction of a whole CT volume thus costs one transform of the volume for
 ``d(P->T)`` and a small box around the reference for ``d(T->P)``, instead of two transforms of
@@ -86,6 +86,7 @@ import numpy as np
 __all__ = [
     "SLICE_METRICS",
     "VOLUME_METRICS",
+    "directed_distances",
     "global_dice",
     "slice_metrics",
     "surface_distances",
@@ -196,7 +197,7 @@ def _edt_threads() -> int:
         return max(1, min(8, os.cpu_count() or 1))
 
 
-def _directed_distances(query: np.ndarray, source: np.ndarray, sampling: tuple[float, ...]) -> np.ndarray:
+def directed_distances(query: np.ndarray, source: np.ndarray, sampling: Sequence[float]) -> np.ndarray:
     """Distance from every True pixel of ``query`` (C order) to the nearest True pixel of ``source``.
 
     The cost follows the query, not the array: the Euclidean distance transform of ``source`` is
@@ -279,7 +280,7 @@ def surface_distances(
     # surface pixel (and the erosion, outside being background) is the same as uncropped.
     box = _bbox(pred | target)
     pred_s, target_s = _surface(pred[box]), _surface(target[box])
-    return _directed_distances(pred_s, target_s, sampling), _directed_distances(target_s, pred_s, sampling)
+    return directed_distances(pred_s, target_s, sampling), directed_distances(target_s, pred_s, sampling)
 
 
 def _distance_metrics(

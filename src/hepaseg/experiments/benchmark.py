@@ -610,48 +610,36 @@ SPECKLE_FRACTION = 8e6 / (IRCADB_SHAPE[0] * IRCADB_SHAPE[1] * IRCADB_SHAPE[2])
 def _bench_write(shape: tuple[int, int, int], work: Path) -> dict[str, Any]:
     """Seconds of ``predict``'s write step for a speckled prediction of a ``shape`` phantom.
 
-    The same calls, in the same order, as :func:`~hepaseg.inference.pipeline.predict_case` after
-    inference (lesion table, volume metrics against the phantom's tumour, mask NIfTI, CSV/JSON,
-    overlay), on an i.i.d. speckled mask of :data:`SPECKLE_FRACTION` (8 M voxels at 3D-IRCADb 1.1's
-    size; seeded): the worst case for components and surfaces -- one voxel in four is tumour and
-    nearly every tumour voxel is surface.
+    :func:`~hepaseg.inference.pipeline.predict_case` itself on a LiTS-layout phantom (its label gives
+    the metrics and the liver the lesions are placed against), with the network's answer replaced by
+    an i.i.d. speckled mask of :data:`SPECKLE_FRACTION` (8 M voxels at 3D-IRCADb 1.1's size; seeded)
+    and a random probability map: the worst case for components and surfaces -- one voxel in four
+    is tumour and nearly every tumour voxel is surface. Everything after inference runs as in
+    ``hepaseg predict`` (lesion table and confidence columns, volume metrics, mask NIfTI, CSV/JSON,
+    overlay), and its own ``timings`` give the step and its parts.
     """
+    from unittest import mock
+
     import numpy as np
 
-    from hepaseg.data.phantom import make_phantom
-    from hepaseg.evaluation import volume_metrics
-    from hepaseg.inference.lesions import lesion_table, lesions_to_csv
-    from hepaseg.inference.overlay import draw_overlay
-    from hepaseg.io import write_json_atomic, write_label_nifti, write_text_atomic
+    from hepaseg.data.phantom import write_phantom_dataset
+    from hepaseg.inference import pipeline
 
-    volume = make_phantom(shape, spacing=IRCADB_SPACING, seed=0)
+    source = write_phantom_dataset(work / "write_src", "lits", n_cases=1, shape=shape, spacing=IRCADB_SPACING)[0]
     rng = np.random.default_rng(0)
-    tumor = (rng.random(shape, dtype=np.float32) < SPECKLE_FRACTION).astype(np.uint8)
-    target = volume.label == 2
-    out = work / "write"
-    out.mkdir()
-    parts: dict[str, float] = {}
-    t_all = time.perf_counter()
-    t0 = time.perf_counter()
-    rows = lesion_table(tumor, volume.spacing, volume.affine)
-    parts["lesion_table"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    metrics = volume_metrics(tumor > 0, target, volume.spacing)
-    parts["metrics"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    write_label_nifti(tumor, volume, out / "tumor_mask.nii.gz")
-    parts["mask_nifti"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    write_text_atomic(out / "lesions.csv", lesions_to_csv(rows))
-    write_json_atomic(out / "lesions.json", {"lesions": rows})
-    write_json_atomic(out / "metrics.json", metrics)
-    parts["csv_json"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    draw_overlay(volume.image, tumor, out / "overlay.png", gt_mask=target, spacing=volume.spacing)
-    parts["overlay"] = time.perf_counter() - t0
-    seconds = time.perf_counter() - t_all
+    probability = rng.random(shape, dtype=np.float32)
+    tumor = (probability < SPECKLE_FRACTION).astype(np.uint8)
+    probability = np.where(tumor > 0, 1.0 - probability, probability * 0.5).astype(np.float32)  # > 0.5 on tumour
+    found = pipeline._Found(tumor=tumor, postprocess_info={}, probability=probability, uncertainty=None, votes=None)
+    ckpt = write_untrained_checkpoint(work / "write_unet.ckpt", model="unet", width=4, data_options={"size": 64})
+    models = pipeline.load_models(ckpt)
+    # Only the network's answer is replaced: reading, the lesion rows, metrics and every file are predict's own.
+    with mock.patch.object(pipeline, "_predict_tumour", return_value=found):
+        result = pipeline.predict_case(source, work / "write", models=models, progress=False)
+    t = result.timings
+    parts = {key: t[f"write_{key}"] for key in ("lesions", "metrics", "volumes", "tables", "overlay")}
     return {"shape": list(shape), "mask": "i.i.d. speckle", "tumor_voxels": int(np.count_nonzero(tumor)),
-            "lesions": len(rows), "seconds": seconds, "parts": parts}
+            "lesions": len(result.lesions), "seconds": t["write"], "parts": parts}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -61,6 +61,7 @@ def lesion_table(
     affine: np.ndarray | None = None,
     *,
     connectivity: int = 3,
+    components: tuple[np.ndarray, int, tuple[slice, ...]] | None = None,
 ) -> list[dict]:
     """One row per 3D connected tumour component, largest volume first.
 
@@ -71,6 +72,9 @@ def lesion_table(
         affine: optional 4 x 4 NIfTI/RAS affine for voxel index order ``(x, y, z)``; adds the
             world centroid.
         connectivity: 3 (default, 26-connected), 2 (18) or 1 (6, faces only).
+        components: ``mask``'s components as :func:`~hepaseg.evaluation.detection.label_lesions_cropped`
+            returns them for ``connectivity``, when the caller has them already (predict labels once
+            for this table and the confidence columns); labelled here otherwise.
 
     Returns:
         list of dicts with ``id`` (1 = largest), ``voxels``, ``volume_ml``, ``centroid_mm``
@@ -90,7 +94,9 @@ def lesion_table(
     voxel_ml = float(np.prod(spacing_arr)) / 1000.0
 
     # Components on the mask's bounding box only (cc3d; numbered like ndimage.label).
-    labels, n, box = label_lesions_cropped(mask, connectivity=connectivity)
+    if components is None:
+        components = label_lesions_cropped(mask, connectivity=connectivity)
+    labels, n, box = components
     if n == 0:
         return []
     z0, y0, x0 = (b.start for b in box)

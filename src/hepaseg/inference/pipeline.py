@@ -68,6 +68,7 @@ import numpy as np
 
 from hepaseg import __version__
 from hepaseg.errors import HepasegError
+from hepaseg.evaluation.detection import label_lesions_cropped
 from hepaseg.evaluation.evaluate import check_threshold, json_safe
 from hepaseg.inference.cascade import KEEP_MARGIN_MM, check_cascade, predict_cascade, require_liver_stage
 from hepaseg.inference.ensemble import load_ensemble, predict_ensemble
@@ -130,7 +131,9 @@ class PredictResult:
         lesions: :func:`~hepaseg.inference.lesions.lesion_table` rows, largest first, with the
             :mod:`~hepaseg.inference.lesion_stats` columns.
         metrics: volume metrics of the predicted tumour vs the input's label == 2, or None.
-        timings: seconds for ``read``, ``inference`` and ``write`` (and ``load_model``).
+        timings: seconds for ``read``, ``inference`` and ``write`` (and ``load_model``); the write step's
+            parts as ``write_lesions`` (lesion table and confidence columns), ``write_metrics``,
+            ``write_volumes``, ``write_tables`` and ``write_overlay``.
         case_id, shape (z, y, x), spacing (mm, z y x), engine (``torch``/``onnx``), model_name.
         warnings: problems worth telling the user (cascade: no liver found); also in lesions.json.
         summary: ``n_lesions``, ``tumor_volume_ml`` and, after a cascade, ``liver_volume_ml`` and
@@ -427,8 +430,11 @@ def predict_case(
 
     t0 = time.perf_counter()
     rows, liver_source = _lesion_rows(volume, found, n_members=len(models.models))
+    timings["write_lesions"] = time.perf_counter() - t0
     summary = _summary(found.tumor, volume.spacing, found.predicted_liver, len(rows))
+    t1 = time.perf_counter()
     metrics = _case_metrics(volume, found, summary)
+    timings["write_metrics"] = time.perf_counter() - t1
     settings = _settings(models, volume, found, checkpoints=checkpoints, liver_checkpoints=liver_checkpoints,
                          threshold=threshold, tta=tta, postprocess=postprocess, liver_source=liver_source, batch=batch,
                          labels=labels, label_note=label_note, output_format=output_format)
@@ -439,7 +445,8 @@ def predict_case(
     with atomic_dir(out_dir) as tmp:  # removed on any error or SIGTERM; the user's permissions, not 0700
         write_output_marker(tmp, "predict")
         _write_outputs(tmp, names, volume, found, liver, models, threshold=threshold, source=str(input_path),
-                       settings=settings, warnings=warnings, summary=summary, rows=rows, metrics=metrics)
+                       settings=settings, warnings=warnings, summary=summary, rows=rows, metrics=metrics,
+                       timings=timings)
         # Again: something may have appeared meanwhile.
         check_output_dir(out_dir, command="predict", inputs=inputs, overwrite=overwrite)
     timings["write"] = time.perf_counter() - t0
@@ -564,7 +571,8 @@ def _lesion_rows(volume, found: _Found, *, n_members: int) -> tuple[list[dict[st
     """One row per predicted lesion (size, place, confidence); and where the liver they are placed against
     came from (None: no liver)."""
     tumor = found.tumor
-    rows = lesion_table(tumor, volume.spacing, volume.affine)
+    components = label_lesions_cropped(tumor)  # once, for the table and the confidence columns
+    rows = lesion_table(tumor, volume.spacing, volume.affine, components=components)
     # The liver the lesions are placed against: the cascade's prediction, else the input's label.
     stats_liver, liver_source = None, None
     if found.predicted_liver is not None:
@@ -573,7 +581,7 @@ def _lesion_rows(volume, found: _Found, *, n_members: int) -> tuple[list[dict[st
         stats_liver, liver_source = volume.label > 0, "input label"
     confidence = lesion_confidence(tumor, volume.spacing, probability=found.probability,
                                    uncertainty=found.uncertainty, votes=found.votes, n_members=n_members,
-                                   liver=stats_liver)
+                                   liver=stats_liver, components=components)
     assert [c["voxels"] for c in confidence] == [r["voxels"] for r in rows]  # the same lesions, same order
     rows = [{**row, **{k: v for k, v in conf.items() if k != "voxels"}} for row, conf in zip(rows, confidence)]
     if found.uncertainty is None:  # one member without TTA: no spread, 0 by definition
@@ -670,8 +678,13 @@ def _output_names(has_metrics: bool, has_cascade: bool, output_format: str, save
 def _write_outputs(tmp: Path, names: dict[str, str], volume, found: _Found, liver: np.ndarray | None,
                    models: LoadedModels, *, threshold: float, source: str, settings: dict[str, Any],
                    warnings: list[str], summary: dict[str, Any], rows: list[dict[str, Any]],
-                   metrics: dict[str, Any] | None) -> None:
-    """Write every file of ``names`` into the temporary folder ``tmp`` (renamed onto OUT by the caller)."""
+                   metrics: dict[str, Any] | None, timings: dict[str, float]) -> None:
+    """Write every file of ``names`` into the temporary folder ``tmp`` (renamed onto OUT by the caller).
+
+    ``timings`` gets ``write_volumes`` (masks, SEG, probabilities), ``write_tables`` (CSV/JSON) and
+    ``write_overlay`` in seconds.
+    """
+    t0 = time.perf_counter()
     tumor, cascade = found.tumor, found.cascade
     mask = tumor
     if liver is not None:
@@ -689,6 +702,8 @@ def _write_outputs(tmp: Path, names: dict[str, str], volume, found: _Found, live
         write_probability_nifti(found.uncertainty, volume, tmp / names["tumor_uncertainty"])
         if cascade is not None:
             write_probability_nifti(cascade.liver_probability, volume, tmp / names["liver_probability"])
+    t1 = time.perf_counter()
+    timings["write_volumes"] = t1 - t0
     write_text_atomic(tmp / names["lesions_csv"], lesions_to_csv(rows))
     write_json_atomic(
         tmp / names["lesions_json"],
@@ -696,11 +711,14 @@ def _write_outputs(tmp: Path, names: dict[str, str], volume, found: _Found, live
                    "spacing_mm": [float(s) for s in volume.spacing], "settings": settings, "warnings": warnings,
                    "summary": summary, "lesions": rows}),
     )
+    if metrics is not None:
+        write_json_atomic(tmp / names["metrics"], json_safe({**metrics, "settings": settings}))
+    t2 = time.perf_counter()
+    timings["write_tables"] = t2 - t1
     target = None if volume.label is None else volume.label == LABEL_TUMOR
     draw_overlay(volume.image, tumor, tmp / names["overlay"], gt_mask=target, spacing=volume.spacing,
                  title=volume.case_id)
-    if metrics is not None:
-        write_json_atomic(tmp / names["metrics"], json_safe({**metrics, "settings": settings}))
+    timings["write_overlay"] = time.perf_counter() - t2
 
 
 def _read_case(path: Path, dicom: DicomOptions | None = None) -> tuple[Any, str | None]:

@@ -263,7 +263,9 @@ def _write_nifti(
             f"{path}: not a NIfTI file name: expected a name ending in .nii.gz or .nii, got "
             f"{path.name!r}. Add the .nii.gz suffix."
         )
-    data = np.ascontiguousarray(array_zyx.transpose(2, 1, 0))  # (z, y, x) -> (x, y, z)
+    # (z, y, x) -> (x, y, z): NIfTI stores x fastest, so a C-ordered (z, y, x) array is already in the file's
+    # byte order as a Fortran-ordered (x, y, z) view: no transposing copy before the write.
+    data = np.asfortranarray(array_zyx.transpose(2, 1, 0))
     affine = np.asarray(affine, dtype=np.float64)
     img = nib.Nifti1Image(data, affine)
     img.set_data_dtype(data.dtype)
