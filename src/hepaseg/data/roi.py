@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["ROI_FILL_HU", "ROI_MODES", "box_side", "crop_slices", "liver_crop_box", "paste_slices"]
+__all__ = ["ROI_FILL_HU", "ROI_MODES", "box_overlap", "box_side", "crop_slices", "liver_crop_box", "paste_slices"]
 
 #: ``prepare --roi`` choices (``None``: whole slices).
 ROI_MODES = ("liver",)
@@ -104,7 +104,7 @@ def box_side(box: Sequence[int]) -> int:
     return int(box[1]) - int(box[0])
 
 
-def _overlap(box: Sequence[int], height: int, width: int) -> tuple[slice, slice, slice, slice]:
+def box_overlap(box: Sequence[int], height: int, width: int) -> tuple[slice, slice, slice, slice]:
     """(image rows, image cols, crop rows, crop cols) of the part of ``box`` inside the image."""
     y0, y1, x0, x1 = (int(b) for b in box)
     iy0, iy1, ix0, ix1 = max(y0, 0), min(y1, height), max(x0, 0), min(x1, width)
@@ -136,7 +136,7 @@ def crop_slices(
     """
     idx = np.arange(volume.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
     y0, y1, x0, x1 = (int(b) for b in box)
-    rows, cols, crop_rows, crop_cols = _overlap(box, volume.shape[1], volume.shape[2])
+    rows, cols, crop_rows, crop_cols = box_overlap(box, volume.shape[1], volume.shape[2])
     if crop_rows == slice(0, y1 - y0) and crop_cols == slice(0, x1 - x0):
         return np.asarray(volume[idx, rows, cols])  # inside the image: no padding (the usual case)
     out = np.full((idx.size, y1 - y0, x1 - x0), fill, dtype=volume.dtype)
@@ -153,7 +153,7 @@ def paste_slices(crops: np.ndarray, box: Sequence[int], shape_yx: tuple[int, int
     y0, y1, x0, x1 = (int(b) for b in box)
     if crops.shape[1:] != (y1 - y0, x1 - x0):
         raise ValueError(f"crops: expected (n, {y1 - y0}, {x1 - x0}) for box {tuple(box)}, got {crops.shape}")
-    rows, cols, crop_rows, crop_cols = _overlap(box, shape_yx[0], shape_yx[1])
+    rows, cols, crop_rows, crop_cols = box_overlap(box, shape_yx[0], shape_yx[1])
     out = np.zeros((crops.shape[0], *shape_yx), dtype=crops.dtype)
     out[:, rows, cols] = crops[:, crop_rows, crop_cols]
     return out

@@ -190,7 +190,8 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def _edt_threads() -> int:
+def edt_threads() -> int:
+    """Threads for the ``edt`` transforms: the CPUs this process may use, at most 8."""
     try:
         return max(1, min(8, len(os.sched_getaffinity(0))))
     except AttributeError:  # pragma: no cover - not Linux
@@ -231,7 +232,7 @@ def directed_distances(query: np.ndarray, source: np.ndarray, sampling: Sequence
         region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
         whole = bool(np.all(lo == 0) and np.all(hi == np.asarray(shape)))
         squared = edt.edtsq(~source[region], anisotropy=tuple(float(s) for s in step), black_border=False,
-                            parallel=_edt_threads())
+                            parallel=edt_threads())
         inside = query[region]
         dist2 = squared[inside].astype(np.float64)
         if whole:

@@ -63,8 +63,9 @@ import edt
 import numpy as np
 from torch import nn
 
-from hepaseg.data.roi import ROI_MODES, crop_slices, liver_crop_box, paste_slices
+from hepaseg.data.roi import ROI_MODES, box_overlap, crop_slices, liver_crop_box
 from hepaseg.errors import HepasegError
+from hepaseg.evaluation.metrics import edt_threads
 from hepaseg.inference.ensemble import as_model_list, predict_ensemble, vote_dtype
 from hepaseg.inference.predictor import check_volume_for_model
 from hepaseg.inference.preprocess import parse_data_options
@@ -242,7 +243,8 @@ def dilate_mm(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: 
         return mask.copy()
     grow = [math.ceil(radius_mm / float(s)) for s in spacing]
     big = tuple(slice(max(b.start - g, 0), min(b.stop + g, n)) for b, g, n in zip(box, grow, mask.shape))
-    squared = edt.edtsq(~mask[big], anisotropy=tuple(float(s) for s in spacing), black_border=False)  # mm^2
+    squared = edt.edtsq(~mask[big], anisotropy=tuple(float(s) for s in spacing), black_border=False,
+                        parallel=edt_threads())  # mm^2
     out = np.zeros(mask.shape, dtype=bool)
     out[big] = squared <= float(radius_mm) ** 2 * (1.0 + 1e-6)
     return out
@@ -349,12 +351,18 @@ def predict_cascade(
     crops = crop_slices(image, box, indices=np.arange(a, b))  # (b - a, side, side) HU
     found = predict_ensemble(tumor_models, crops, tumor_opts, uncertainty=details, votes=details,
                              threshold=threshold, **common)  # at the box's size
-    kept = keep[z0:z1]
-    probability = paste_slices(found.probability[z0 - a : z1 - a], box, (height, width))
-    probability[~kept] = 0.0  # dropped beyond keep_margin_mm of the liver
-    tumor[z0:z1] = probability > threshold
+    # Only the box's part inside the image can hold tumour (0 elsewhere, as pasting into zero slices
+    # gave): thresholding and storing work on that region of slices z0:z1, not on whole slices.
+    rows, cols, crop_rows, crop_cols = box_overlap(box, height, width)
+    region = (slice(z0, z1), rows, cols)
+    kept = keep[region]
+    crop_part = (slice(z0 - a, z1 - a), crop_rows, crop_cols)
+    probability = np.where(kept, found.probability[crop_part], np.float32(0.0))  # 0 beyond keep_margin_mm
+    tumor[region] = probability > threshold
     if details:
-        _store_details(extra, probability, found, kept, box, z0=z0, z1=z1, a=a)
+        extra["tumor_probability"][region] = probability
+        extra["tumor_uncertainty"][region] = np.where(kept, found.uncertainty[crop_part], np.float32(0.0))
+        extra["tumor_votes"][region] = np.where(kept, found.votes[crop_part], 0)
     timings["tumor"] = time.perf_counter() - t0
     return CascadeResult(
         liver=liver.astype(np.uint8),
@@ -385,17 +393,3 @@ def _tumor_box(liver: np.ndarray, spacing: tuple[float, float, float], tumor_opt
         assert box is not None  # the liver is not empty here
         return box
     return (0, liver.shape[1], 0, liver.shape[2])
-
-
-def _store_details(extra: dict[str, Any], probability: np.ndarray, found, kept: np.ndarray, box, *, z0: int, z1: int,
-                   a: int) -> None:
-    """Paste the tumour stage's probability, uncertainty and votes of slices ``z0:z1`` into ``extra``'s volumes.
-
-    ``probability`` is already pasted (``(z1 - z0, y, x)``); ``found`` holds the crops of slices ``a:...``;
-    voxels outside ``kept`` (beyond the keep margin of the liver) stay 0.
-    """
-    shape = probability.shape[1:]
-    extra["tumor_probability"][z0:z1] = probability
-    extra["tumor_uncertainty"][z0:z1] = np.where(
-        kept, paste_slices(found.uncertainty[z0 - a : z1 - a], box, shape), 0.0)
-    extra["tumor_votes"][z0:z1] = np.where(kept, paste_slices(found.votes[z0 - a : z1 - a], box, shape), 0)
