@@ -652,13 +652,44 @@ def _peak_rss_mb() -> float | None:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def _init_worker(threads: int) -> None:
+#: The helpers' handle on the shared "next case" counter (set by :func:`_init_worker`).
+_next_case: Any = None
+
+
+def _init_worker(threads: int, next_case: Any) -> None:
     # Workers share the cores: without this each would start one torch thread per core.
     torch.set_num_threads(threads)
+    global _next_case
+    _next_case = next_case  # a shared counter can only reach a spawned process as it starts
 
 
-def _prepare_case_in_worker(path: Path, cases_dir: Path, opts: _CaseOptions) -> tuple:
-    return (*_prepare_case(path, cases_dir, opts), os.getpid(), _peak_rss_mb())
+def _claim(next_case: Any, n: int) -> int | None:
+    """The index of the next unclaimed case (and claim it), or None when every case is taken."""
+    with next_case.get_lock():
+        i = next_case.value
+        if i >= n:
+            return None
+        next_case.value = i + 1
+        return i
+
+
+def _stop_claims(next_case: Any, n: int) -> None:
+    with next_case.get_lock():
+        next_case.value = n
+
+
+def _prepare_one(case_paths: Sequence[Path], i: int, cases_dir: Path, opts: _CaseOptions) -> tuple[str, Any]:
+    """``("ok", (case_id, entries, note, pid, peak MB))`` or ``("error", exception)`` for case ``i``."""
+    try:
+        return "ok", (*_prepare_case(case_paths[i], cases_dir, opts), os.getpid(), _peak_rss_mb())
+    except Exception as exc:  # noqa: BLE001 - re-raised in case order by _run_cases
+        return "error", exc
+
+
+def _prepare_claimed_case(case_paths: Sequence[Path], cases_dir: Path, opts: _CaseOptions) -> tuple | None:
+    """In a helper: claim the next case and prepare it; ``(i, kind, value)``, or None when none was left."""
+    i = _claim(_next_case, len(case_paths))
+    return None if i is None else (i, *_prepare_one(case_paths, i, cases_dir, opts))
 
 
 def _usable_cores() -> int:
@@ -674,10 +705,12 @@ def _run_cases(case_paths, cases_dir: Path, opts: _CaseOptions, workers: int, on
     ``on_done(path, case_id, note)`` is called for each case in ``case_paths`` order (it may raise).
 
     ``workers == 1`` runs in this process. With more, this process is one worker and starts
-    ``workers - 1`` spawned helpers; cases are handed out in order, one at a time to each (memory:
-    one volume per worker), and this process starts on the first case at once instead of waiting
-    for the helpers to import torch. Results are gathered in case order and the FIRST failing case
-    in that order raises, so the outcome never depends on which worker ran first.
+    ``workers - 1`` spawned helpers. Every worker takes the next case from one shared counter
+    whenever it is free (memory: one volume per worker), so no case waits in a busy worker's
+    queue while another worker idles, and this process starts on the first case at once instead
+    of waiting for the helpers to import torch. Results are gathered in case order and the FIRST
+    failing case in that order raises (a failure stops further claims; every earlier case was
+    claimed before it and finishes), so the outcome never depends on which worker ran first.
     """
     if workers == 1:
         results = []
@@ -687,80 +720,65 @@ def _run_cases(case_paths, cases_dir: Path, opts: _CaseOptions, workers: int, on
             on_done(path, case_id, note)
         return results, {os.getpid(): _peak_rss_mb()}
     threads = max(1, _usable_cores() // workers)
-    helpers = workers - 1
     n = len(case_paths)
-    # outcome per case index: ("ok", (case_id, entries, pid, peak)) or ("error", exception)
-    outcomes: dict[int, tuple[str, Any]] = {}
+    outcomes: dict[int, tuple[str, Any]] = {}  # case index -> ("ok", value) or ("error", exception)
     results: list = []
     peaks: dict[int, float | None] = {}
     main_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     # spawn, not fork: a forked child of a process that already ran torch's OpenMP pool can hang.
     context = multiprocessing.get_context("spawn")
+    next_case = context.Value("l", 0)
+    emitted = 0
     try:
-        with ProcessPoolExecutor(max_workers=helpers, mp_context=context, initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
-            inflight: dict[int, Any] = {}
-            state = {"next": 0, "emitted": 0, "failed": False}
-
-            def refill() -> None:
-                # One queued case beyond the running ones, so a helper never waits for this process.
-                while not state["failed"] and len(inflight) < 2 * helpers and state["next"] < n:
-                    i = state["next"]
-                    state["next"] += 1
-                    inflight[i] = pool.submit(_prepare_case_in_worker, case_paths[i], cases_dir, opts)
+        with ProcessPoolExecutor(max_workers=workers - 1, mp_context=context, initializer=_init_worker,
+                                 initargs=(threads, next_case)) as pool:
+            # One claim per case: a claim takes a case only when a helper starts it, and returns None
+            # at once when this process has taken the rest.
+            pending = {pool.submit(_prepare_claimed_case, case_paths, cases_dir, opts) for _ in range(n)}
 
             def harvest(block: bool) -> None:
-                for i, future in list(inflight.items()):
-                    if block or future.done():
-                        try:
-                            outcomes[i] = ("ok", future.result())
-                        except Exception as exc:  # noqa: BLE001 - re-raised in case order below
-                            outcomes[i] = ("error", exc)
-                        del inflight[i]
+                for future in [f for f in pending if block or f.done()]:
+                    pending.discard(future)
+                    claimed = future.result()
+                    if claimed is not None:
+                        outcomes[claimed[0]] = claimed[1:]
+                        if claimed[1] == "error":
+                            _stop_claims(next_case, n)
 
             def emit() -> None:
-                # on_done in case order for the finished prefix; stop dispatching at a failure.
-                while state["emitted"] in outcomes:
-                    i = state["emitted"]
-                    kind, value = outcomes[i]
-                    if kind == "error":
-                        state["failed"] = True
-                        return
-                    case_id, entries, note, pid, peak = value
+                # on_done in case order for the finished prefix; a failure stops the claims.
+                nonlocal emitted
+                while emitted in outcomes and outcomes[emitted][0] == "ok":
+                    case_id, entries, note, pid, peak = outcomes[emitted][1]
                     try:
-                        on_done(case_paths[i], case_id, note)
+                        on_done(case_paths[emitted], case_id, note)
                     except Exception as exc:  # noqa: BLE001 - e.g. a duplicate case id
-                        outcomes[i] = ("error", exc)
-                        state["failed"] = True
+                        outcomes[emitted] = ("error", exc)
+                        _stop_claims(next_case, n)
                         return
-                    results.append((case_paths[i], case_id, entries))
+                    results.append((case_paths[emitted], case_id, entries))
                     peaks[pid] = peak if peaks.get(pid) is None else max(peak, peaks[pid])
-                    state["emitted"] += 1
+                    emitted += 1
 
             try:
-                refill()
-                while not state["failed"] and state["next"] < n:
-                    i = state["next"]  # this process takes the next case itself
-                    state["next"] += 1
-                    try:
-                        outcomes[i] = ("ok", (*_prepare_case(case_paths[i], cases_dir, opts), os.getpid(),
-                                              _peak_rss_mb()))
-                    except Exception as exc:  # noqa: BLE001 - re-raised in case order below
-                        outcomes[i] = ("error", exc)
+                while (i := _claim(next_case, n)) is not None:  # this process takes the next case itself
+                    outcomes[i] = _prepare_one(case_paths, i, cases_dir, opts)
+                    if outcomes[i][0] == "error":
+                        _stop_claims(next_case, n)
                     harvest(block=False)
                     emit()
-                    refill()
                 harvest(block=True)
                 emit()
             except BaseException:
-                for future in inflight.values():
+                _stop_claims(next_case, n)
+                for future in pending:
                     future.cancel()
                 raise  # leaving the with-block waits for running cases before the caller removes tmp
     finally:
         torch.set_num_threads(main_threads)
-    if state["emitted"] < n:
-        raise outcomes[state["emitted"]][1]  # the first failing case in case order
+    if emitted < n:
+        raise outcomes[emitted][1]  # the first failing case in case order
     return results, peaks
 
 
