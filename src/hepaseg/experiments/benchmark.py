@@ -29,8 +29,9 @@
   (``129 x 512 x 512``) when ``../shared/data/3Dircadb1.1`` is found (next to the
   repository, next to the working directory, or under ``$HEPASEG_SHARED_DATA``),
   else on a phantom of that size;
-* ``predict``'s write step (lesion table, volume metrics, mask, CSV/JSON, overlay) for a
-  badly trained model: an i.i.d. speckled mask of 8 M voxels on a ``129 x 512 x 512``
+* ``predict``'s write step for a badly trained model (lesion table and confidence columns, volume
+  metrics, mask, CSV/JSON, overlay, as ``predict_case`` times them): ``predict_case`` with the
+  network's answer replaced by an i.i.d. speckled mask of 8 M voxels on a ``129 x 512 x 512``
   phantom (:func:`_bench_write`; quick: the ``16 x 512 x 512`` phantom at the same density).
 
 Ratios are reported beside the absolute numbers and are exact quotients of them:
